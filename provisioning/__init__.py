@@ -1,0 +1,1 @@
+"""Technician tooling: node registry, credentials and broker ACLs, flash, install, verify."""

@@ -1,0 +1,1 @@
+"""TwinEdge command line and the local services it starts (Mosquitto, InfluxDB)."""

@@ -1,0 +1,23 @@
+"""`twinedge`: one command line for gateway, nodes, broker, mirror, dashboards, HIL rig and demo."""
+
+from __future__ import annotations
+
+import typer
+
+from gateway.cli import app as gateway_app
+
+app = typer.Typer(
+    help="TwinEdge: edge stack for twin cities sharing marine and mobility sensor networks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(gateway_app, name="gateway", help="Run and inspect the city gateway (MQTT -> log -> InfluxDB).")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
