@@ -1,0 +1,336 @@
+"""The gateway service: wires the stages of the data flow as asyncio tasks.
+
+    MQTT (paho thread) --deque, bounded by the broker's receive window-->
+    ingest: decode + validate (--> dead-letter) + de-duplicate --> durable log --> PUBACK
+    durable log --own cursor--> InfluxDB sink      (gateway/sink_influx.py)
+    durable log --own cursor--> partner mirror sink (when configured)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway import records
+from gateway.config import GatewayConfig
+from gateway.dead_letter import DeadLetter, DeadLetterStore
+from gateway.decode import Rejected, decode_up
+from gateway.durable_log import DurableLog
+from gateway.ingest_mqtt import Inbound, MqttIngest
+from gateway.metrics import GatewayMetrics, HealthState, start_http
+from gateway.sequence import SequenceTracker
+from gateway.sink_influx import InfluxSink
+from gateway.status import StatusError, status_record
+from gateway.topics import TopicError, parse_topic
+
+log = logging.getLogger("twinedge.gateway")
+
+
+class Sink(Protocol):
+    name: str
+    cursor: int
+    oldest_pending_at: float | None
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class Registry:
+    """Known nodes (id -> (city, domain, site)), reloaded when an unknown node shows up."""
+
+    cfg: GatewayConfig
+    nodes: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    loaded_at: float = 0.0
+
+    def load(self) -> None:
+        if self.cfg.registry is None:
+            return
+        from provisioning.registry import load_registry
+
+        self.nodes = {
+            n.id: (n.city, n.domain, n.site) for n in load_registry(self.cfg.registry).values() if not n.retired
+        }
+        self.loaded_at = time.monotonic()
+
+    def lookup(self, node: str) -> tuple[str, str, str] | None:
+        hit = self.nodes.get(node)
+        if hit is None and self.cfg.registry is not None and time.monotonic() - self.loaded_at > 5:
+            try:
+                self.load()
+            except Exception as e:  # a half-written registry file must not stop ingestion
+                log.warning("registry reload failed", extra={"error": str(e)})
+            hit = self.nodes.get(node)
+        return hit
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.metrics = GatewayMetrics(cfg.city, cfg.instance)
+        self.health = HealthState()
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log = DurableLog(cfg.data_dir / "log", cfg.log.max_bytes, cfg.log.segment_bytes, cfg.log.fsync)
+        self.dead = DeadLetterStore(cfg.data_dir / "dead_letters.sqlite3")
+        self.seq = SequenceTracker()
+        self.registry = Registry(cfg)
+        self.registry.load()
+        self.limits = cfg.limits.to_limits()
+        self.sinks: list[Sink] = []
+        self.stopping = asyncio.Event()
+        self.space_freed = asyncio.Event()
+        self.appended: asyncio.Condition | None = None
+        self.mqtt: MqttIngest | None = None
+        self.http_port = 0
+        self.counts = {"received_msgs": 0, "accepted_readings": 0, "dead_letters": 0, "duplicates": 0}
+        if self.log.torn_bytes_cut:
+            log.warning("cut torn tail of durable log", extra={"bytes": self.log.torn_bytes_cut})
+
+    # -- stage: ingest ----------------------------------------------------------------
+    def _process(self, batch: list[Inbound]) -> tuple[list[dict[str, Any]], list[DeadLetter]]:
+        out: list[dict[str, Any]] = []
+        dead: list[DeadLetter] = []
+        now = int(time.time())
+        m = self.metrics
+        for msg in batch:
+            try:
+                topic = parse_topic(msg.topic)
+            except TopicError as e:
+                dead.append(DeadLetter("decode", "topic", str(e), msg.topic, None, msg.payload))
+                continue
+            m.received.labels(topic.kind).inc()
+            if topic.city != self.cfg.city:
+                dead.append(DeadLetter("decode", "topic", f"city {topic.city!r} is not this gateway's ({self.cfg.city})",
+                                       msg.topic, topic.node, msg.payload))
+                continue
+            known = self.registry.lookup(topic.node)
+            if known is None and self.cfg.require_registration:
+                dead.append(DeadLetter("decode", "unknown_node", f"node {topic.node!r} is not in the registry "
+                                       "(register it with `twinedge node add`)", msg.topic, topic.node, msg.payload))
+                continue
+            if known is not None and (known[0], known[1]) != (topic.city, topic.domain):
+                dead.append(DeadLetter("decode", "domain_mismatch", f"registry has {topic.node} in {known[0]}/{known[1]}",
+                                       msg.topic, topic.node, msg.payload))
+                continue
+            site = known[2] if known else "unknown"
+            if topic.kind == "status":
+                if not msg.payload:
+                    continue  # a cleared retained status: nothing to record
+                try:
+                    out.append(status_record(topic, msg.payload, site, msg.received_at))
+                except StatusError as e:
+                    dead.append(DeadLetter("decode", "status_format", str(e), msg.topic, topic.node, msg.payload))
+                continue
+            try:
+                dec = decode_up(msg.topic, msg.payload, now, self.limits)
+            except Rejected as e:
+                dead.append(DeadLetter("decode", e.reason, e.detail, msg.topic, topic.node, msg.payload))
+                continue
+            for rj in dec.rejected:
+                dead.append(DeadLetter("reading", rj.reason, rj.detail, msg.topic, dec.node, None, rj.reading))
+            fresh = []
+            for r in dec.readings:
+                if r.seq is None:
+                    fresh.append(r)
+                elif self.seq.is_new(dec.node, r.seq):
+                    self.seq.commit(dec.node, r.seq, r.t)
+                    fresh.append(r)
+                else:
+                    self.seq.duplicate(dec.node)
+                    self.counts["duplicates"] += 1
+                    m.duplicates.inc()
+            if fresh:
+                out.append(records.reading_record(dec, site, msg.received_at, fresh))
+                m.accepted.labels(dec.schema.domain).inc(len(fresh))
+                self.counts["accepted_readings"] += len(fresh)
+        for d in dead:
+            m.dead_letters.labels(d.stage, d.reason).inc()
+        self.counts["dead_letters"] += len(dead)
+        self.counts["received_msgs"] += len(batch)
+        return out, dead
+
+    async def _ingest(self, mqtt: MqttIngest) -> None:
+        assert self.appended is not None
+        q = mqtt.queue
+        while not self.stopping.is_set():
+            if not q:
+                mqtt.wakeup.clear()
+                if q:
+                    continue
+                waiter = asyncio.ensure_future(mqtt.wakeup.wait())
+                stopper = asyncio.ensure_future(self.stopping.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+                continue
+            if not self.log.has_room(self.cfg.limits.max_payload_bytes * 4):
+                # Full policy: stop acknowledging; the broker keeps the backlog. Never evict.
+                self.metrics.log_full.set(1)
+                self.health.set("log", f"durable log full ({self.log.size_bytes} bytes): not acknowledging; "
+                                "check the InfluxDB sink and mirror")
+                self.space_freed.clear()
+                try:
+                    await asyncio.wait_for(self.space_freed.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            self.metrics.log_full.set(0)
+            self.health.set("log", None)
+            batch = []
+            budget = self.cfg.ingest_batch
+            while q and budget:
+                batch.append(q.popleft())
+                budget -= 1
+            recs, dead = self._process(batch)
+            # Durable first (dead letters and log), then acknowledge: a crash in between only
+            # causes a redelivery, which de-duplication and InfluxDB's overwrite absorb.
+            self.dead.add_many(dead)
+            if recs:
+                self.log.append([records.encode(r) for r in recs])
+                self.metrics.log_appends.inc()
+                async with self.appended:
+                    self.appended.notify_all()
+            mqtt.ack(batch)
+            await asyncio.sleep(0)
+
+    # -- stage: stats -----------------------------------------------------------------
+    def _stats_records(self) -> list[dict[str, Any]]:
+        now = time.time()
+        t = int(now)
+        node_rows = []
+        recs: list[dict[str, Any]] = []
+        for node, st in self.seq.nodes.items():
+            node_rows.append((node, st))
+        for node, st in node_rows:
+            known = self.registry.nodes.get(node)
+            recs.append({"a": now, "m": "gateway_node",
+                         "tags": {"city": self.cfg.city, "node": node, "domain": known[1] if known else ""},
+                         "rows": [[t, {"received": st.received, "duplicates": st.duplicates, "gaps": st.gaps,
+                                       "completeness": float(st.completeness), "last_seen": st.last_seen}, None, 0]]})
+        lag_s = self._lag_seconds(now)
+        gw_fields: dict[str, Any] = {
+            "received_msgs": self.counts["received_msgs"], "accepted_readings": self.counts["accepted_readings"],
+            "dead_letters": self.counts["dead_letters"], "log_bytes": self.log.size_bytes,
+            "log_full": not self.log.has_room(), "sink_lag_points": 0, "sink_lag_s": float(lag_s.get("influx", 0.0)),
+        }
+        for name, v in lag_s.items():
+            if name.startswith("mirror"):
+                gw_fields["mirror_lag_s"] = float(v)
+        recs.append({"a": now, "m": "gateway", "tags": {"city": self.cfg.city, "instance": self.cfg.instance},
+                     "rows": [[t, gw_fields, None, 0]]})
+        return recs
+
+    def _lag_seconds(self, now: float) -> dict[str, float]:
+        out = {}
+        for s in self.sinks:
+            behind = s.cursor < self.log.end
+            out[s.name] = max(0.0, now - s.oldest_pending_at) if behind and s.oldest_pending_at else 0.0
+        return out
+
+    async def _stats(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), self.cfg.stats_interval_s)
+                return
+            except asyncio.TimeoutError:
+                pass
+            if self.log.has_room(1024 * 1024):
+                self.log.append([records.encode(r) for r in self._stats_records()])
+                assert self.appended is not None
+                async with self.appended:
+                    self.appended.notify_all()
+
+    def refresh_metrics(self) -> None:
+        m = self.metrics
+        m.log_bytes.set(self.log.size_bytes)
+        now = time.time()
+        lag = self._lag_seconds(now)
+        for s in self.sinks:
+            m.sink_lag_bytes.labels(s.name).set(max(0, self.log.end - s.cursor))
+            m.sink_lag_seconds.labels(s.name).set(lag.get(s.name, 0.0))
+        for node, st in self.seq.nodes.items():
+            m.node_last_seen.labels(node).set(st.last_seen)
+            m.node_gaps.labels(node).set(st.gaps)
+            m.node_duplicates.labels(node).set(st.duplicates)
+            m.node_completeness.labels(node).set(st.completeness)
+        connected = bool(self.mqtt and self.mqtt.connected)
+        m.mqtt_connected.set(1 if connected else 0)
+        self.health.set("mqtt", None if connected else (self.mqtt.last_error if self.mqtt else "not started"))
+
+    def _release(self) -> None:
+        if self.sinks:
+            freed = self.log.release(min(s.cursor for s in self.sinks))
+            if freed:
+                self.space_freed.set()
+
+    def add_sink(self, sink: Sink) -> None:
+        self.sinks.append(sink)
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.appended = asyncio.Condition()
+        self.add_sink(InfluxSink(self.cfg.influx, self.log, self.appended, self.dead, self.metrics, self.health,
+                                 self._release))
+        if self.cfg.mirror:
+            from gateway.mirror import build_mirror_sinks  # optional stage, see docs/mirroring.md
+
+            for sink in build_mirror_sinks(self):
+                self.add_sink(sink)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.request_stop)
+            except (NotImplementedError, RuntimeError):
+                pass
+        runner = None
+        if self.cfg.http.enabled:
+            runner, self.http_port = await start_http(self.cfg.http.host, self.cfg.http.port, self.metrics,
+                                                      self.health, self.refresh_metrics)
+            (self.cfg.data_dir / "http.port").write_text(str(self.http_port))
+        self.mqtt = MqttIngest(self.cfg.mqtt, self.cfg.city, loop)
+        self.mqtt.start()
+        log.info("gateway started", extra={"city": self.cfg.city, "instance": self.cfg.instance,
+                                           "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",
+                                           "http_port": self.http_port, "log_bytes": self.log.size_bytes})
+        sink_tasks = [asyncio.create_task(s.run(), name=f"sink-{s.name}") for s in self.sinks]
+        ingest = asyncio.create_task(self._ingest(self.mqtt), name="ingest")
+        stats = asyncio.create_task(self._stats(), name="stats")
+        all_tasks = [ingest, stats, *sink_tasks]
+        done, _ = await asyncio.wait([*all_tasks, asyncio.ensure_future(self.stopping.wait())],
+                                     return_when=asyncio.FIRST_COMPLETED)
+        failed = [t for t in done if t in all_tasks and t.exception() is not None]
+        self.stopping.set()
+        await asyncio.gather(ingest, stats, return_exceptions=True)
+        self.mqtt.stop()
+        if not failed:
+            await self._drain()
+        for s in self.sinks:
+            s.stop()
+        await asyncio.gather(*sink_tasks, return_exceptions=True)
+        if runner is not None:
+            await runner.cleanup()
+        self.dead.close()
+        self.log.close()
+        for t in failed:
+            exc = t.exception()
+            log.error("stage failed", extra={"stage": t.get_name(), "error": repr(exc)})
+            return 1
+        log.info("gateway stopped", extra={"log_bytes": self.log.size_bytes})
+        return 0
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.cfg.drain_timeout_s
+        while time.monotonic() < deadline and any(s.cursor < self.log.end for s in self.sinks):
+            await asyncio.sleep(0.05)
+        behind = {s.name: self.log.end - s.cursor for s in self.sinks if s.cursor < self.log.end}
+        if behind:
+            log.warning("drain timed out; the rest stays in the durable log for the next start",
+                        extra={"bytes_behind": behind})
+
+    def request_stop(self) -> None:
+        self.stopping.set()

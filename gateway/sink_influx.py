@@ -1,0 +1,230 @@
+"""InfluxDB sink: reads the durable log from its own cursor and writes batched, gzipped line protocol.
+
+Written on aiohttp rather than `influxdb-client`: that client speaks only /api/v2/write
+(InfluxDB 1.x answers 404 there) and hides per-point rejections and retry timing, which
+the at-least-once contract needs under our control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from gateway import records
+from gateway.config import InfluxConfig
+from gateway.dead_letter import DeadLetter, DeadLetterStore
+from gateway.durable_log import DurableLog
+from gateway.metrics import GatewayMetrics, HealthState
+
+log = logging.getLogger("twinedge.gateway.influx")
+
+SINK = "influx"
+
+
+class Retryable(Exception):
+    def __init__(self, kind: str, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.retry_after = retry_after
+
+
+@dataclass
+class Rejection:
+    line: str
+    detail: str
+
+
+class InfluxWriter:
+    """One HTTP write path for both APIs; they differ only in URL, parameters and auth."""
+
+    def __init__(self, cfg: InfluxConfig, session: aiohttp.ClientSession) -> None:
+        self.cfg = cfg
+        self.session = session
+        if cfg.api == "v2":
+            self.url = f"{cfg.url}/api/v2/write"
+            self.params = {"org": cfg.org, "bucket": cfg.bucket, "precision": "s"}
+        else:
+            self.url = f"{cfg.url}/write"
+            self.params = {"db": cfg.database, "precision": "s"}
+            if cfg.retention_policy:
+                self.params["rp"] = cfg.retention_policy
+            if cfg.username:
+                self.params["u"] = cfg.username
+                self.params["p"] = cfg.password.get_secret_value()
+        self.headers = {"Content-Type": "text/plain; charset=utf-8"}
+        if cfg.token.get_secret_value():
+            self.headers["Authorization"] = f"Token {cfg.token.get_secret_value()}"
+        if cfg.gzip:
+            self.headers["Content-Encoding"] = "gzip"
+
+    async def ensure_database(self) -> None:
+        if self.cfg.api != "v1" or not self.cfg.create_database:
+            return
+        params = {"q": f'CREATE DATABASE "{self.cfg.database}"'}
+        if self.cfg.username:
+            params.update(u=self.cfg.username, p=self.cfg.password.get_secret_value())
+        async with self.session.post(f"{self.cfg.url}/query", data=params, headers={
+            k: v for k, v in self.headers.items() if k == "Authorization"
+        }) as r:
+            if r.status >= 300:
+                raise Retryable("http", f"CREATE DATABASE answered {r.status}: {(await r.text())[:120]}")
+
+    async def _post(self, lines: list[str]) -> tuple[int, str, float | None]:
+        body = ("\n".join(lines) + "\n").encode()
+        if self.cfg.gzip:
+            body = gzip.compress(body, compresslevel=1)
+        try:
+            async with self.session.post(
+                self.url, params=self.params, data=body, headers=self.headers,
+                timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s),
+            ) as r:
+                text = await r.text()
+                ra = r.headers.get("Retry-After")
+                retry_after = float(ra) if ra and ra.replace(".", "", 1).isdigit() else None
+                return r.status, text, retry_after
+        except asyncio.TimeoutError:
+            raise Retryable("timeout", f"no answer within {self.cfg.timeout_s:g} s") from None
+        except aiohttp.ClientError as e:
+            raise Retryable("connection", f"{type(e).__name__}: {e}") from None
+
+    async def write(self, lines: list[str]) -> list[Rejection]:
+        """Write all lines; returns the lines InfluxDB refuses as malformed. Raises Retryable."""
+        status, text, retry_after = await self._post(lines)
+        if status < 300:
+            return []
+        if status == 413 or status == 400:
+            if len(lines) == 1:
+                return [Rejection(lines[0], f"InfluxDB {status}: {text.strip()[:200]}")]
+            # Bisect so one malformed point does not cost the rest; rewrites are idempotent.
+            mid = len(lines) // 2
+            return await self.write(lines[:mid]) + await self.write(lines[mid:])
+        if status == 429 or status >= 500:
+            raise Retryable(f"http_{status}", f"InfluxDB answered {status}: {text.strip()[:120]}", retry_after)
+        if status in (401, 403):
+            raise Retryable("auth", f"InfluxDB refused our credentials ({status}); check influx.token/username")
+        if status == 404:
+            raise Retryable("not_found", f"InfluxDB answered 404 at {self.url}: wrong api or database/bucket? {text.strip()[:120]}")
+        raise Retryable(f"http_{status}", f"InfluxDB answered {status}: {text.strip()[:120]}")
+
+
+class InfluxSink:
+    name = SINK
+
+    def __init__(self, cfg: InfluxConfig, dlog: DurableLog, appended: asyncio.Condition,
+                 dead: DeadLetterStore, metrics: GatewayMetrics, health: HealthState,
+                 on_commit: Callable[[], None]) -> None:
+        self.cfg = cfg
+        self.log = dlog
+        self.appended = appended
+        self.dead = dead
+        self.metrics = metrics
+        self.health = health
+        self.on_commit = on_commit
+        self.cursor = dlog.cursor(SINK)
+        self.points_written = 0
+        self.oldest_pending_at: float | None = None
+        self._stop = asyncio.Event()
+        self.failing_since: float | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _wait_for_data(self, timeout: float) -> None:
+        async with self.appended:
+            try:
+                await asyncio.wait_for(self.appended.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def _collect(self) -> tuple[list[str], int, float | None]:
+        lines: list[str] = []
+        offset = self.cursor
+        first_at: float | None = None
+        while len(lines) < self.cfg.batch_points:
+            recs = self.log.read(offset, max_bytes=2 * 1024 * 1024)
+            if not recs:
+                break
+            for next_off, blob in recs:
+                rec = records.decode(blob)
+                if first_at is None:
+                    first_at = rec["a"]
+                lines.extend(records.to_lines(rec))
+                offset = next_off
+                if len(lines) >= self.cfg.batch_points:
+                    break
+        return lines, offset, first_at
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            writer = InfluxWriter(self.cfg, session)
+            await self._retry(writer.ensure_database, "create database")
+            while not self._stop.is_set():
+                lines, offset, first_at = self._collect()
+                self.oldest_pending_at = first_at
+                if not lines:
+                    if offset != self.cursor:  # records without rows
+                        self._commit(offset)
+                    await self._wait_for_data(1.0)
+                    continue
+                if len(lines) < self.cfg.batch_points and first_at is not None:
+                    wait = self.cfg.flush_interval_s - (time.time() - first_at)
+                    if wait > 0 and not self._stop.is_set():
+                        await self._wait_for_data(wait)
+                        lines, offset, first_at = self._collect()
+                ok = await self._retry(lambda: self._write(writer, lines), "write")
+                if not ok:
+                    return  # stopping: the batch stays in the log
+                self._commit(offset)
+                self.points_written += len(lines)
+
+    async def _write(self, writer: InfluxWriter, lines: list[str]) -> None:
+        t0 = time.perf_counter()
+        rejected = await writer.write(lines)
+        self.metrics.write_latency.labels(SINK).observe(time.perf_counter() - t0)
+        if rejected:
+            self.dead.add_many([
+                DeadLetter("influx", "influx_rejected", r.detail, "influx:" + r.line.split(",", 1)[0], item={"line": r.line})
+                for r in rejected
+            ])
+            for _ in rejected:
+                self.metrics.dead_letters.labels("influx", "influx_rejected").inc()
+        self.metrics.sink_points.labels(SINK).inc(len(lines) - len(rejected))
+
+    async def _retry(self, fn: Callable[[], object], what: str) -> bool:
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                await fn()  # type: ignore[misc]
+                if self.failing_since is not None:
+                    log.info("influx recovered", extra={"after_s": round(time.time() - self.failing_since, 1)})
+                self.failing_since = None
+                self.health.set("influx", None)
+                return True
+            except Retryable as e:
+                attempt += 1
+                self.metrics.sink_errors.labels(SINK, e.kind).inc()
+                if self.failing_since is None:
+                    self.failing_since = time.time()
+                    log.warning("influx %s failing, retrying", what, extra={"kind": e.kind, "detail": str(e)})
+                if time.time() - self.failing_since > 30:
+                    self.health.set("influx", f"{what} failing for {time.time() - self.failing_since:.0f} s: {e}")
+                delay = min(self.cfg.max_backoff_s, 0.2 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.5)
+                if e.retry_after is not None:
+                    delay = max(delay, min(e.retry_after, self.cfg.max_backoff_s * 4))
+                try:
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+        return False
+
+    def _commit(self, offset: int) -> None:
+        self.cursor = offset
+        self.log.commit_cursor(SINK, offset)
+        self.on_commit()
