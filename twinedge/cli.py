@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from dashboards.cli import app as dashboards_app
 from gateway.cli import app as gateway_app
 
 app = typer.Typer(
@@ -13,6 +14,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(gateway_app, name="gateway", help="Run and inspect the city gateway (MQTT -> log -> InfluxDB).")
+app.add_typer(dashboards_app, name="dashboards")
 
 
 def main() -> None:
