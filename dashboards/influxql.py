@@ -140,7 +140,7 @@ def register() -> None:
 
 # ---- Grafana-style interpolation (what the InfluxDB datasource does before sending) ----
 
-VAR_RE = re.compile(r"\$(\w+)|\$\{(\w+)(?::(\w+))?\}|\[\[(\w+)(?::(\w+))?\]\]")
+VAR_RE = re.compile(r"\$(\w+)|\$\{(\w+)(?::([\w:]+))?\}|\[\[(\w+)(?::(\w+))?\]\]")
 # Variables Grafana provides itself, or the InfluxDB datasource resolves in aliases.
 BUILTINS = frozenset(
     {"timeFilter", "__interval", "__interval_ms", "__range", "__range_s", "__range_ms", "__from", "__to",
@@ -186,6 +186,14 @@ def interpolate(query: str, variables: Mapping[str, tuple[Sequence[str], bool]],
             return f"time >= {rng.from_ms}ms and time <= {rng.to_ms}ms"
         if name == "__interval":
             return rng.interval
+        if name in ("__from", "__to"):
+            ms = rng.from_ms if name == "__from" else rng.to_ms
+            fmt = m.group(3)
+            if fmt in (None, "date:ms"):
+                return str(ms)
+            if fmt == "date:seconds":
+                return str(ms // 1000)
+            raise KeyError(f"format {fmt!r} of ${name} is not supported here")
         if name in variables:
             values, multi = variables[name]
             if not values:

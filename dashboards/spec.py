@@ -162,10 +162,6 @@ def table_panel(pid: int, title: str, pos: dm.GridPos, uid: str = HOME) -> table
     return table.Panel().id(pid).title(title).grid_pos(pos).datasource(ds(uid)).unit("short")
 
 
-def prop(id_val: str, value: object) -> dm.DynamicConfigValue:
-    return dm.DynamicConfigValue(id_val=id_val, value=value)
-
-
 def transform(id_val: str, options: dict[str, object]) -> dm.DataTransformerConfig:
     return dm.DataTransformerConfig(id_val=id_val, options=options)
 
@@ -258,35 +254,34 @@ def node_map(pid: int, title: str, pos: dm.GridPos, domain: str, latest_fields: 
     )
 
 
+def value_map(options: dict[str, tuple[str | None, str]]) -> dm.ValueMap:
+    """Text -> (display text, colour). Mappings live in the field defaults: the schema only allows
+    object values in overrides, and these keys only ever match one column."""
+    return dm.ValueMap(
+        {k: dm.ValueMappingResult(text=t, color=c, index=i) for i, (k, (t, c)) in enumerate(options.items())}
+    )
+
+
+def coloured_table(pid: int, title: str, pos: dm.GridPos, mapping: dm.ValueMap) -> table.Panel:
+    return (
+        table_panel(pid, title, pos)
+        .mappings([mapping])
+        .cell_options(cm.TableColorTextCellOptions())
+        .thresholds(steps((None, "text")))  # unmapped cells keep the normal text colour
+    )
+
+
 def alarm_table(pid: int, pos: dm.GridPos, domain: str) -> table.Panel:
     query = (
         'SELECT last("state") AS "state", last("value") AS "value", last("lo") AS "lo", last("hi") AS "hi" '
         f'FROM "alarm" WHERE "city" = \'$city\' AND "domain" = \'{domain}\' AND "node" =~ /^$node$/ AND $timeFilter '
         'GROUP BY "node", "field"'
     )
+    mapping = value_map({"ok": ("OK", "green"), "low": ("LOW", "red"), "high": ("HIGH", "red")})
     return (
-        table_panel(pid, "Alarm states", pos)
+        coloured_table(pid, "Alarm states", pos, mapping)
         .description("Latest alarm state per node and field (written by the gateway when a reading crosses its [alarms] band).")
         .with_target(qt(query))
-        .override_by_name(
-            "state",
-            [
-                prop("custom.cellOptions", {"type": "color-background"}),
-                prop(
-                    "mappings",
-                    [
-                        {
-                            "type": "value",
-                            "options": {
-                                "ok": {"text": "OK", "color": "green", "index": 0},
-                                "low": {"text": "LOW", "color": "red", "index": 1},
-                                "high": {"text": "HIGH", "color": "red", "index": 2},
-                            },
-                        }
-                    ],
-                ),
-            ],
-        )
     )
 
 
@@ -380,59 +375,46 @@ def fleet() -> db.Dashboard:
 
     d = d.with_row(db.Row("Nodes").id(1).grid_pos(g.row()))
     status = (
-        'SELECT last("online") AS "online", last("fw") AS "fw", last("reset") AS "reset", last("battery_v") AS "battery_v", '
-        'last("rssi") AS "rssi", last("heap") AS "heap", last("buf") AS "buf", last("drop") AS "drop", last("faults") AS "faults" '
+        'SELECT last("online") AS "online", last("fw") AS "fw", last("reset") AS "reset", last("buf") AS "buf", '
+        'last("drop") AS "drop", last("faults") AS "faults", last("fault_list") AS "fault_list" '
         f'FROM "node_status" WHERE {where} AND $timeFilter GROUP BY "node", "domain"'
     )
+    status_map = {"true": ("online", "green"), "false": ("OFFLINE", "red")}
+    status_map |= {k: (None, c) for k, c in RESET_COLOURS.items()}
     d = d.with_panel(
-        table_panel(2, "Node status (latest)", g.place(24, 8))
+        coloured_table(2, "Node status (latest)", g.place(24, 7), value_map(status_map))
+        .description("reset: cause of the node's last restart (wdt/brownout in red). buf: readings waiting on the node.")
         .with_target(qt(status))
-        .override_by_name("battery_v", [prop("unit", "volt"), prop("thresholds", {"mode": "absolute", "steps": [
-            {"value": None, "color": "red"}, {"value": LIMITS["battery_v"][0], "color": "green"}]}),
-            prop("custom.cellOptions", {"type": "color-text"})])
-        .override_by_name("rssi", [prop("unit", "dBm"), prop("thresholds", {"mode": "absolute", "steps": [
-            {"value": None, "color": "red"}, {"value": -85, "color": "orange"}, {"value": -75, "color": "green"}]}),
-            prop("custom.cellOptions", {"type": "color-text"})])
-        .override_by_name("heap", [prop("unit", "bytes")])
-        .override_by_name("online", [prop("mappings", [{"type": "value", "options": {
-            "true": {"text": "online", "color": "green", "index": 0},
-            "false": {"text": "OFFLINE", "color": "red", "index": 1}}}]),
-            prop("custom.cellOptions", {"type": "color-background"})])
-        .override_by_name("reset", [prop("mappings", [{"type": "value", "options": {
-            k: {"color": c, "index": i} for i, (k, c) in enumerate(RESET_COLOURS.items())}}]),
-            prop("custom.cellOptions", {"type": "color-text"})])
     )
-    last_seen = (
-        'SELECT last("last_seen") * 1000 AS "last_seen_ms", last("completeness") AS "completeness" '
+    # Grafana renders ${__to:date:seconds} as the end of the time range: the age is relative to "now".
+    age = (
+        'SELECT ${__to:date:seconds} - last("last_seen") AS "age_s" '
         f'FROM "gateway_node" WHERE {where} AND $timeFilter GROUP BY "node"'
     )
     d = d.with_panel(
-        table_panel(3, "Last seen and staleness", g.place(12, 8))
-        .description(
-            "age = time of the gateway's latest stats point minus the node's newest reading. "
-            "Orange after 5 min, red (stale) after 15 min."
-        )
-        .with_target(qt(last_seen))
-        .with_transformation(transform("calculateField", {
-            "mode": "binary", "alias": "age",
-            "binary": {"left": "Time", "operator": "-", "right": "last_seen_ms"},
-            "replaceFields": False,
-        }))
-        .override_by_name("last_seen_ms", [prop("unit", "dateTimeFromNow"), prop("displayName", "last seen")])
-        .override_by_name("completeness", [prop("unit", "percentunit")])
-        .override_by_name("age", [prop("unit", "ms"), prop("custom.cellOptions", {"type": "color-background"}),
-                                  prop("thresholds", {"mode": "absolute", "steps": [
-                                      {"value": None, "color": "green"}, {"value": 300000, "color": "orange"},
-                                      {"value": 900000, "color": "red"}]})])
+        stat_panel(3, "Time since newest reading (stale after 15 min)", g.place(12, 6), "dtdurations")
+        .description("End of the time range minus the node's newest reading time, as last reported by the gateway.")
+        .with_target(q(age, alias="$tag_node"))
+        .thresholds(steps((None, "green"), (300, "orange"), (900, "red")))
     )
     d = d.with_panel(
-        stat_panel(4, "Completeness per node", g.place(12, 8), "percentunit")
+        stat_panel(4, "Completeness per node", g.place(12, 6), "percentunit")
         .description("received / (received + sequence gaps) since gateway start.")
         .with_target(q(f'SELECT last("completeness") AS "completeness" FROM "gateway_node" WHERE {where} AND $timeFilter GROUP BY "node"', alias="$tag_node"))
         .thresholds(steps((None, "red"), (0.95, "orange"), (0.99, "green")))
         .min(0)
         .max(1)
     )
+    for pid, field, title, u, th in (
+        (5, "battery_v", "Battery (latest)", "volt", thresholds(*LIMITS["battery_v"])),
+        (6, "rssi", "RSSI (latest)", "dBm", steps((None, "red"), (-85, "orange"), (-75, "green"))),
+        (7, "heap", "Free heap (latest)", "bytes", steps((None, "red"), (16384, "orange"), (32768, "green"))),
+    ):
+        d = d.with_panel(
+            stat_panel(pid, title, g.place(8, 5), u)
+            .with_target(q(f'SELECT last("{field}") AS "{field}" FROM "node_status" WHERE {where} AND $timeFilter GROUP BY "node"', alias="$tag_node"))
+            .thresholds(th)
+        )
     d = d.with_row(db.Row("Node vitals").id(10).grid_pos(g.row()))
     vitals = (("battery_v", "Battery", "volt", 11), ("rssi", "RSSI", "dBm", 12), ("heap", "Free heap", "bytes", 13),
               ("buf", "Buffer depth (readings waiting on node)", "short", 14))
