@@ -11,7 +11,7 @@ from rich.console import Console
 
 from dashboards.build import CityBuild, build_city, write_build
 from dashboards.config import Cities, ConfigError, load_cities
-from dashboards.grafana import TOKEN_ENV, URL_ENV, GrafanaError, connect, diff_city, push_city
+from dashboards.grafana import TOKEN_ENV, URL_ENV, GrafanaError, GrafanaSetupError, connect, diff_city, push_city
 from dashboards.lint import lint_dashboard
 from provisioning.registry import Node, RegistryError, load_registry
 
@@ -105,6 +105,8 @@ def push(
     try:
         api = connect(_resolve_url(url, b.city.grafana_url), os.environ.get(TOKEN_ENV))
         rep = push_city(api, cities, b, message)
+    except GrafanaSetupError as e:
+        raise fail(str(e)) from None
     except GrafanaError as e:
         raise fail(str(e), 3) from None
     for line in rep.lines:
@@ -128,6 +130,8 @@ def diff(
     try:
         api = connect(_resolve_url(url, b.city.grafana_url), os.environ.get(TOKEN_ENV))
         rep = diff_city(api, cities, b)
+    except GrafanaSetupError as e:
+        raise fail(str(e)) from None
     except GrafanaError as e:
         raise fail(str(e), 3) from None
     for line in rep.lines:

@@ -29,6 +29,10 @@ class GrafanaError(RuntimeError):
     """One line for the technician: what failed and what to do next."""
 
 
+class GrafanaSetupError(GrafanaError):
+    """Missing URL or token: a usage problem on our side, not the server's."""
+
+
 @dataclass
 class Report:
     lines: list[str] = field(default_factory=list)
@@ -40,9 +44,9 @@ class Report:
 
 def connect(url: str, token: str | None, timeout: float = 10.0) -> GrafanaApi:
     if not url:
-        raise GrafanaError(f"no Grafana URL: pass --url or set {URL_ENV} (or grafana_url in the cities file)")
+        raise GrafanaSetupError(f"no Grafana URL: pass --url or set {URL_ENV} (or grafana_url in the cities file)")
     if not token:
-        raise GrafanaError(f"no Grafana token: set {TOKEN_ENV} to a service-account token with Editor rights")
+        raise GrafanaSetupError(f"no Grafana token: set {TOKEN_ENV} to a service-account token with Editor rights")
     return GrafanaApi.from_url(url, credential=token, timeout=timeout)
 
 
@@ -85,7 +89,7 @@ def json_diff(a: object, b: object, path: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out: list[str] = []
         for k in sorted(set(a) | set(b), key=str):
-            p = f"{path}.{k}" if path else str(k)
+            p = f"{path}{k}" if str(k).startswith("[") else f"{path}.{k}" if path else str(k)
             if k not in b:
                 out.append(f"{p}: missing on server")
             elif k not in a:
