@@ -92,67 +92,75 @@ class Gateway:
             log.warning("cut torn tail of durable log", extra={"bytes": self.log.torn_bytes_cut})
 
     # -- stage: ingest ----------------------------------------------------------------
+    @staticmethod
+    def record_bound(msg: Inbound) -> int:
+        """Upper bound of the log bytes one message can become (a 20-byte compact reading is < 320 B of JSON)."""
+        return 16 * len(msg.payload) + 1024
+
     def _process(self, batch: list[Inbound]) -> tuple[list[dict[str, Any]], list[DeadLetter]]:
         out: list[dict[str, Any]] = []
         dead: list[DeadLetter] = []
         now = int(time.time())
-        m = self.metrics
         for msg in batch:
-            try:
-                topic = parse_topic(msg.topic)
-            except TopicError as e:
-                dead.append(DeadLetter("decode", "topic", str(e), msg.topic, None, msg.payload))
-                continue
-            m.received.labels(topic.kind).inc()
-            if topic.city != self.cfg.city:
-                dead.append(DeadLetter("decode", "topic", f"city {topic.city!r} is not this gateway's ({self.cfg.city})",
-                                       msg.topic, topic.node, msg.payload))
-                continue
-            known = self.registry.lookup(topic.node)
-            if known is None and self.cfg.require_registration:
-                dead.append(DeadLetter("decode", "unknown_node", f"node {topic.node!r} is not in the registry "
-                                       "(register it with `twinedge node add`)", msg.topic, topic.node, msg.payload))
-                continue
-            if known is not None and (known[0], known[1]) != (topic.city, topic.domain):
-                dead.append(DeadLetter("decode", "domain_mismatch", f"registry has {topic.node} in {known[0]}/{known[1]}",
-                                       msg.topic, topic.node, msg.payload))
-                continue
-            site = known[2] if known else "unknown"
-            if topic.kind == "status":
-                if not msg.payload:
-                    continue  # a cleared retained status: nothing to record
-                try:
-                    out.append(status_record(topic, msg.payload, site, msg.received_at))
-                except StatusError as e:
-                    dead.append(DeadLetter("decode", "status_format", str(e), msg.topic, topic.node, msg.payload))
-                continue
-            try:
-                dec = decode_up(msg.topic, msg.payload, now, self.limits)
-            except Rejected as e:
-                dead.append(DeadLetter("decode", e.reason, e.detail, msg.topic, topic.node, msg.payload))
-                continue
-            for rj in dec.rejected:
-                dead.append(DeadLetter("reading", rj.reason, rj.detail, msg.topic, dec.node, None, rj.reading))
-            fresh = []
-            for r in dec.readings:
-                if r.seq is None:
-                    fresh.append(r)
-                elif self.seq.is_new(dec.node, r.seq):
-                    self.seq.commit(dec.node, r.seq, r.t)
-                    fresh.append(r)
-                else:
-                    self.seq.duplicate(dec.node)
-                    self.counts["duplicates"] += 1
-                    m.duplicates.inc()
-            if fresh:
-                out.append(records.reading_record(dec, site, msg.received_at, fresh))
-                m.accepted.labels(dec.schema.domain).inc(len(fresh))
-                self.counts["accepted_readings"] += len(fresh)
+            self._process_one(msg, now, out, dead)
         for d in dead:
-            m.dead_letters.labels(d.stage, d.reason).inc()
+            self.metrics.dead_letters.labels(d.stage, d.reason).inc()
         self.counts["dead_letters"] += len(dead)
         self.counts["received_msgs"] += len(batch)
         return out, dead
+
+    def _process_one(self, msg: Inbound, now: int, out: list[dict[str, Any]], dead: list[DeadLetter]) -> None:
+        m = self.metrics
+        try:
+            topic = parse_topic(msg.topic)
+        except TopicError as e:
+            dead.append(DeadLetter("decode", "topic", str(e), msg.topic, None, msg.payload))
+            return
+        m.received.labels(topic.kind).inc()
+        if topic.city != self.cfg.city:
+            dead.append(DeadLetter("decode", "topic", f"city {topic.city!r} is not this gateway's ({self.cfg.city})",
+                                   msg.topic, topic.node, msg.payload))
+            return
+        known = self.registry.lookup(topic.node)
+        if known is None and self.cfg.require_registration:
+            dead.append(DeadLetter("decode", "unknown_node", f"node {topic.node!r} is not in the registry "
+                                   "(register it with `twinedge node add`)", msg.topic, topic.node, msg.payload))
+            return
+        if known is not None and (known[0], known[1]) != (topic.city, topic.domain):
+            dead.append(DeadLetter("decode", "domain_mismatch", f"registry has {topic.node} in {known[0]}/{known[1]}",
+                                   msg.topic, topic.node, msg.payload))
+            return
+        site = known[2] if known else "unknown"
+        if topic.kind == "status":
+            if not msg.payload:
+                return  # a cleared retained status: nothing to record
+            try:
+                out.append(status_record(topic, msg.payload, site, msg.received_at))
+            except StatusError as e:
+                dead.append(DeadLetter("decode", "status_format", str(e), msg.topic, topic.node, msg.payload))
+            return
+        try:
+            dec = decode_up(msg.topic, msg.payload, now, self.limits)
+        except Rejected as e:
+            dead.append(DeadLetter("decode", e.reason, e.detail, msg.topic, topic.node, msg.payload))
+            return
+        for rj in dec.rejected:
+            dead.append(DeadLetter("reading", rj.reason, rj.detail, msg.topic, dec.node, None, rj.reading))
+        fresh = []
+        for r in dec.readings:
+            if r.seq is None:
+                fresh.append(r)
+            elif self.seq.is_new(dec.node, r.seq):
+                self.seq.commit(dec.node, r.seq, r.t)
+                fresh.append(r)
+            else:
+                self.seq.duplicate(dec.node)
+                self.counts["duplicates"] += 1
+                m.duplicates.inc()
+        if fresh:
+            out.append(records.reading_record(dec, site, msg.received_at, fresh))
+            m.accepted.labels(dec.schema.domain).inc(len(fresh))
+            self.counts["accepted_readings"] += len(fresh)
 
     async def _ingest(self, mqtt: MqttIngest) -> None:
         assert self.appended is not None
@@ -168,7 +176,7 @@ class Gateway:
                 waiter.cancel()
                 stopper.cancel()
                 continue
-            if not self.log.has_room(self.cfg.limits.max_payload_bytes * 4):
+            if not self.log.has_room(self.record_bound(q[0])):
                 # Full policy: stop acknowledging; the broker keeps the backlog. Never evict.
                 self.metrics.log_full.set(1)
                 self.health.set("log", f"durable log full ({self.log.size_bytes} bytes): not acknowledging; "
@@ -183,7 +191,10 @@ class Gateway:
             self.health.set("log", None)
             batch = []
             budget = self.cfg.ingest_batch
-            while q and budget:
+            room = self.log.max_bytes - self.log.size_bytes
+            # Take only what is sure to fit, so a message is never de-duplicated and then not logged.
+            while q and budget and room >= self.record_bound(q[0]):
+                room -= self.record_bound(q[0])
                 batch.append(q.popleft())
                 budget -= 1
             recs, dead = self._process(batch)

@@ -70,11 +70,16 @@ class InfluxWriter:
         params = {"q": f'CREATE DATABASE "{self.cfg.database}"'}
         if self.cfg.username:
             params.update(u=self.cfg.username, p=self.cfg.password.get_secret_value())
-        async with self.session.post(f"{self.cfg.url}/query", data=params, headers={
-            k: v for k, v in self.headers.items() if k == "Authorization"
-        }) as r:
-            if r.status >= 300:
-                raise Retryable("http", f"CREATE DATABASE answered {r.status}: {(await r.text())[:120]}")
+        auth = {k: v for k, v in self.headers.items() if k == "Authorization"}
+        try:
+            async with self.session.post(f"{self.cfg.url}/query", data=params, headers=auth,
+                                         timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s)) as r:
+                if r.status >= 300:
+                    raise Retryable("http", f"CREATE DATABASE answered {r.status}: {(await r.text())[:120]}")
+        except asyncio.TimeoutError:
+            raise Retryable("timeout", f"no answer within {self.cfg.timeout_s:g} s") from None
+        except aiohttp.ClientError as e:
+            raise Retryable("connection", f"{type(e).__name__}: {e}") from None
 
     async def _post(self, lines: list[str]) -> tuple[int, str, float | None]:
         body = ("\n".join(lines) + "\n").encode()

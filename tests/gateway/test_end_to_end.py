@@ -1,0 +1,96 @@
+"""Readings in, points out: real Mosquitto, real influxd, the gateway as a real process."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from tests.gateway.helpers import Node, Publisher, counts_by_node, wait_until
+from twinedge.services import Influxd, Mosquitto
+
+
+def test_compact_and_senml_land_with_values_and_tags(mosquitto: Mosquitto, influxd: Influxd, start_gateway) -> None:
+    gw = start_gateway()
+    pub = Publisher(mosquitto.port)
+    now = int(time.time())
+    buoy = Node("copenhagen", "marine", "buoy-01")
+    counter = Node("copenhagen", "mobility", "count-01")
+    pub.publish(buoy.topic, buoy.batch(10, now - 600))
+    pub.publish(counter.topic, counter.batch(5, now - 300))
+    senml = [
+        {"bn": "urn:dev:twin:copenhagen:marine:buoy-07:", "bt": now - 60, "n": "ph", "u": "pH", "v": 8.05},
+        {"n": "water_temp_c", "u": "Cel", "v": 12.25},
+        {"n": "ph", "u": "pH", "v": 8.07, "t": 30},
+    ]
+    pub.publish("twin/copenhagen/marine/buoy-07/up", json.dumps(senml).encode())
+    pub.wait_all()
+
+    wait_until(lambda: counts_by_node(influxd, "marine", "ph").get("buoy-07") == 2
+               and counts_by_node(influxd, "marine", "ph").get("buoy-01") == 10
+               and counts_by_node(influxd, "mobility", "vehicles").get("count-01") == 5, 30, "points in InfluxDB")
+
+    res = influxd.query("SELECT * FROM marine WHERE node = 'buoy-07'", db="twinedge")
+    s = res["results"][0]["series"][0]
+    rows = [dict(zip(s["columns"], v)) for v in s["values"]]
+    assert rows[0]["time"] == now - 60 and rows[0]["ph"] == 8.05 and rows[0]["water_temp_c"] == 12.25
+    assert rows[1]["time"] == now - 30 and rows[1]["ph"] == 8.07 and rows[1]["water_temp_c"] is None
+    assert rows[0]["city"] == "copenhagen" and rows[0]["domain"] == "marine" and rows[0]["site"] == "unknown"
+
+    res = influxd.query("SELECT * FROM marine WHERE node = 'buoy-01' ORDER BY time ASC LIMIT 1", db="twinedge")
+    s = res["results"][0]["series"][0]
+    first = dict(zip(s["columns"], s["values"][0]))
+    assert first["time"] == now - 600
+    assert first == {**first, "ph": 8.01, "water_temp_c": 15.01, "do_mgl": 7.0, "conductivity_uscm": 45001.0,
+                     "salinity_psu": 31.0, "turbidity_ntu": 12.0, "battery_v": 3.7}
+
+    res = influxd.query("SELECT vehicles, interval_s, speed_p85_kmh FROM mobility ORDER BY time ASC LIMIT 1", db="twinedge")
+    assert res["results"][0]["series"][0]["values"][0][1:] == [1, 60, 60.0]
+    # Integer counts stay integers in InfluxDB (no float/int field conflict with SenML writers).
+    res = influxd.query("SHOW FIELD KEYS FROM mobility", db="twinedge")
+    types = dict(res["results"][0]["series"][0]["values"])
+    assert types["vehicles"] == "integer" and types["speed_mean_kmh"] == "float"
+    pub.close()
+    assert gw.stop() == 0
+
+
+def test_duplicates_are_skipped_and_gaps_counted(mosquitto: Mosquitto, influxd: Influxd, start_gateway) -> None:
+    gw = start_gateway()
+    pub = Publisher(mosquitto.port)
+    now = int(time.time())
+    n = Node("copenhagen", "marine", "buoy-02")
+    first = n.batch(5, now - 100)   # seq 1..5
+    n.batch(5, now - 90)            # seq 6..10: never sent -> a gap of 5
+    third = n.batch(5, now - 80)    # seq 11..15
+    pub.publish(n.topic, first)
+    pub.publish(n.topic, first)     # a redelivery
+    pub.publish(n.topic, third)
+    pub.wait_all()
+    wait_until(lambda: counts_by_node(influxd, "marine", "ph").get("buoy-02") == 10, 30, "10 points")
+    wait_until(lambda: gw.metrics().get('twinedge_node_gaps{node="buoy-02"}') == 5.0, 10, "gap metric")
+    m = gw.metrics()
+    assert m["twinedge_duplicates_total"] == 5.0
+    assert abs(m['twinedge_node_completeness{node="buoy-02"}'] - 10 / 15) < 1e-9
+    # The status stats land in InfluxDB as well, for the fleet dashboard.
+    wait_until(lambda: bool(influxd.query("SELECT gaps FROM gateway_node WHERE node = 'buoy-02'", db="twinedge")
+                            ["results"][0].get("series")), 15, "gateway_node stats")
+    assert gw.stop() == 0
+
+
+def test_status_is_recorded_and_health_reports(mosquitto: Mosquitto, influxd: Influxd, start_gateway) -> None:
+    gw = start_gateway()
+    pub = Publisher(mosquitto.port)
+    status = {"v": 1, "node": "buoy-03", "online": True, "fw": "0.1.0", "up_s": 42, "reset": "wdt", "heap": 50000,
+              "rssi": -70, "bat_mv": 3650, "buf": 3, "drop": 0, "faults": {"ph": "timeout"}, "cfg": 2, "synced": True}
+    pub.publish("twin/copenhagen/marine/buoy-03/status", json.dumps(status).encode(), retain=True)
+    pub.wait_all()
+
+    def got() -> bool:
+        return bool(influxd.query("SELECT * FROM node_status", db="twinedge")["results"][0].get("series"))
+
+    wait_until(got, 20, "node_status point")
+    s = influxd.query("SELECT * FROM node_status", db="twinedge")["results"][0]["series"][0]
+    row = dict(zip(s["columns"], s["values"][0]))
+    assert row["reset"] == "wdt" and row["faults"] == 1 and row["fault_list"] == "ph:timeout"
+    assert row["battery_v"] == 3.65 and row["online"] is True and row["node"] == "buoy-03"
+    assert gw.health()[0] == 200
+    assert gw.stop() == 0
