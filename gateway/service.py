@@ -13,6 +13,7 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from gateway import records
@@ -288,10 +289,12 @@ class Gateway:
         self.appended = asyncio.Condition()
         self.add_sink(InfluxSink(self.cfg.influx, self.log, self.appended, self.dead, self.metrics, self.health,
                                  self._release))
+        extra_stages: list[Awaitable[None]] = []
         if self.cfg.mirror:
-            from gateway.mirror import build_mirror_sinks  # optional stage, see docs/mirroring.md
+            from gateway.mirror import build_mirror_stages  # optional stage, see docs/mirroring.md
 
-            for sink in build_mirror_sinks(self):
+            mirror_sinks, extra_stages = build_mirror_stages(self)
+            for sink in mirror_sinks:
                 self.add_sink(sink)
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -311,13 +314,17 @@ class Gateway:
         sink_tasks = [asyncio.create_task(s.run(), name=f"sink-{s.name}") for s in self.sinks]
         ingest = asyncio.create_task(self._ingest(self.mqtt), name="ingest")
         stats = asyncio.create_task(self._stats(), name="stats")
-        all_tasks = [ingest, stats, *sink_tasks]
+        extra_tasks = [asyncio.create_task(c, name=f"stage-{i}") for i, c in enumerate(extra_stages)]
+        all_tasks = [ingest, stats, *sink_tasks, *extra_tasks]
         done, _ = await asyncio.wait([*all_tasks, asyncio.ensure_future(self.stopping.wait())],
                                      return_when=asyncio.FIRST_COMPLETED)
         failed = [t for t in done if t in all_tasks and t.exception() is not None]
         self.stopping.set()
         await asyncio.gather(ingest, stats, return_exceptions=True)
         self.mqtt.stop()
+        for t in extra_tasks:
+            t.cancel()
+        await asyncio.gather(*extra_tasks, return_exceptions=True)
         if not failed:
             await self._drain()
         for s in self.sinks:
