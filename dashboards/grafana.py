@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import niquests
-from grafana_client import GrafanaApi
+from grafana_client.api import GrafanaApi
 from grafana_client.client import GrafanaClientError, GrafanaException
 
 from dashboards.build import CREDENTIAL_ENV, CityBuild, datasources_for

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from grafana_foundation_sdk.builders import common as cb
@@ -254,7 +254,7 @@ def node_map(pid: int, title: str, pos: dm.GridPos, domain: str, latest_fields: 
     )
 
 
-def value_map(options: dict[str, tuple[str | None, str]]) -> dm.ValueMap:
+def value_map(options: Mapping[str, tuple[str | None, str]]) -> dm.ValueMap:
     """Text -> (display text, colour). Mappings live in the field defaults: the schema only allows
     object values in overrides, and these keys only ever match one column."""
     return dm.ValueMap(
@@ -379,7 +379,7 @@ def fleet() -> db.Dashboard:
         'last("drop") AS "drop", last("faults") AS "faults", last("fault_list") AS "fault_list" '
         f'FROM "node_status" WHERE {where} AND $timeFilter GROUP BY "node", "domain"'
     )
-    status_map = {"true": ("online", "green"), "false": ("OFFLINE", "red")}
+    status_map: dict[str, tuple[str | None, str]] = {"true": ("online", "green"), "false": ("OFFLINE", "red")}
     status_map |= {k: (None, c) for k, c in RESET_COLOURS.items()}
     d = d.with_panel(
         coloured_table(2, "Node status (latest)", g.place(24, 7), value_map(status_map))

@@ -27,6 +27,10 @@ def registry_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_registry(tmp_path_factory.mktemp("registry"))
 
 
+def republish(pub: Publisher, t_start: int) -> None:
+    publish_all(pub, t_start)
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, registry_dir: Path) -> Iterator[Stack]:
     """Both cities' gateways filled from simulated nodes, then stopped; InfluxDB stays up."""
@@ -47,7 +51,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, registry_dir: Path) -> Itera
         pub = Publisher(broker.port)
         published = publish_all(pub, t_start)
         wait_until(filled_by_gateway(influx, published), 60, "the gateways to write every reading, status and stats point",
-                   on_retry=lambda: publish_all(pub, t_start) and None)
+                   on_retry=lambda: republish(pub, t_start))
         for gw in gateways:
             assert gw.stop() == 0, gw.log_tail()
         seed_not_yet_written_by_gateway(influx, t_start)

@@ -61,7 +61,7 @@ class FakeGrafana:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:  # keep test output clean
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002  keep test output clean
                 pass
 
             def _body(self) -> Any:

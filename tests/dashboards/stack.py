@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.decode import encode_compact
 from gateway.schema import MARINE, MOBILITY, SCHEMAS_BY_DOMAIN
@@ -127,7 +128,7 @@ def counts(influx: Influxd, db: str, measurement: str, field_name: str, city: st
 
 class Publisher:
     def __init__(self, port: int) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dashboards-sim", clean_session=True)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dashboards-sim", clean_session=True)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         self.infos: list[mqtt.MQTTMessageInfo] = []
