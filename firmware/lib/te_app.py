@@ -4,6 +4,7 @@
 import asyncio
 import gc
 import json
+import random
 import sys
 import time
 from micropython import const
@@ -22,6 +23,7 @@ SAFE_AFTER = const(3)  # crash boots in a row before safe mode
 STABLE_MS = const(60000)  # running this long clears the crash-boot count
 WDT_MS = const(30000)
 MAX_BATCH = const(50)
+BACKOFF_MAX_MS = const(4000)
 
 
 def log(*a):
@@ -187,12 +189,12 @@ class Node:
                 mask |= self._put(i, te_cfg.median(g, len(g)), None)
             else:
                 mask |= self._put(i, 0, errs[k] or "timeout")
-        ntu10, f = turbidity(self.turb.read_mv())
+        ntu10, f = turbidity(self.turb.read_uv())
         mask |= self._put(5, ntu10 / 10, f)
         return mask
 
     def _battery(self, i):
-        mv = self.bat.read_mv()
+        mv = self.bat.read_uv() // 1000
         self.bat_mv = mv
         return self._put(i, mv / 1000, MISSING if mv < 200 else None)
 
@@ -452,8 +454,10 @@ class Node:
                     self.status_due = True
                 except Exception as e:
                     self.tr("connfail", err=str(e), backoff=backoff)
-                    await asyncio.sleep_ms(backoff)
-                    backoff = min(backoff * 2, 30000)
+                    # jittered exponential backoff, capped so a returning broker is
+                    # found again within ~4 s
+                    await asyncio.sleep_ms(backoff // 2 + random.getrandbits(12) % (backoff // 2 + 1))
+                    backoff = min(backoff * 2, BACKOFF_MAX_MS)
                     continue
             elif not self.b.wifi_ok():
                 mq.close()

@@ -109,14 +109,14 @@ class Temp:
 
 
 class Analog:
-    # ADC input behind a divider; median of n reads in millivolts at the probe
+    # ADC input behind a divider; median of n reads in microvolts at the probe
     def __init__(self, adc, ratio=2, n=9):
         self.adc = adc
         self.ratio = ratio
         self.vals = array.array("i", [0] * n)
         self.fault = None
 
-    def read_mv(self):
+    def read_uv(self):
         v = self.vals
         n = len(v)
         for i in range(n):
@@ -128,15 +128,15 @@ class Analog:
                 v[j + 1] = v[j]
                 j -= 1
             v[j + 1] = x
-        return v[n // 2] * self.ratio // 1000
+        return v[n // 2] * self.ratio
 
 
-def turbidity(mv_probe):
+def turbidity(uv_probe):
     # -> (NTU x10, fault). Probe output 4.2 V in clear water, -0.5 mV per NTU;
     # a floating input (unplugged probe) reads far below the probe's range.
-    if mv_probe < 200:
+    if uv_probe < 200000:
         return 0, MISSING
-    ntu10 = (4200 - mv_probe) * 20
+    ntu10 = (4200000 - uv_probe) // 50
     if ntu10 < -500 or ntu10 > 40000:
         return 0, RANGE
     return max(0, ntu10), None

@@ -179,7 +179,7 @@ class ADC:
             mv = te_sim.value("bat", 3.712) * 1000 / 2
         else:
             mv = 0
-        return int((mv + (random.random() - 0.5) * 2) * 1000)
+        return int((mv + (random.random() - 0.5) * 0.4) * 1000)
 
     def read_u16(self):
         return min(65535, self.read_uv() * 65535 // 3100000)

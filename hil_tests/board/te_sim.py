@@ -27,7 +27,8 @@ def scenario():
     if time.ticks_diff(now, _state["checked"]) >= 100:
         _state["checked"] = now
         try:
-            m = os.stat(SCENARIO)[8]
+            st = os.stat(SCENARIO)
+            m = (st[1], st[6], st[8])  # inode too: mtime has 1 s resolution, writers replace the file
         except OSError:
             m = 0
         if m != _state["mtime"]:
