@@ -1,0 +1,172 @@
+"""Bad input gets a reason and loses nothing: decoder properties, dead letters, bad config files."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.decode import Limits, Rejected, decode_up, encode_compact
+from gateway.durable_log import DurableLog
+from gateway.schema import MARINE
+from tests.gateway.helpers import Node, Publisher, counts_by_node, wait_until
+from twinedge.services import Influxd, Mosquitto
+
+NOW = 1_764_237_600
+TOPIC = "twin/copenhagen/marine/buoy-01/up"
+GOOD = encode_compact(MARINE, "buoy-01", 1, NOW, [(0, 0, 0x7F, [812, 1534, 712, 45210, 3120, 123, 3712])])
+KNOWN_REASONS = {"size", "topic", "truncated", "format", "schema", "identity", "range", "time_future",
+                 "time_too_old", "not_finite", "unit", "unknown_field", "empty"}
+
+
+def _accounted(topic: str, payload: bytes) -> None:
+    """Every reading is either decoded or rejected with a known reason; nothing else can happen."""
+    try:
+        out = decode_up(topic, payload, NOW, Limits())
+    except Rejected as e:
+        assert e.reason in KNOWN_REASONS and e.detail
+        return
+    for r in out.rejected:
+        assert r.reason in KNOWN_REASONS
+    for r in out.readings:
+        for v in r.values.values():
+            assert math.isfinite(v)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_never_crash_the_decoder(data: bytes) -> None:
+    _accounted(TOPIC, data)
+    _accounted(TOPIC, b"\xe1" + data)
+    _accounted(TOPIC, b"\xe1\x01\x07buoy-01" + data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=len(GOOD) - 1))
+def test_truncated_batches_are_rejected(cut: int) -> None:
+    try:
+        decode_up(TOPIC, GOOD[:cut], NOW)
+    except Rejected as e:
+        assert e.reason in {"truncated", "format"}
+    else:
+        raise AssertionError("a truncated batch was accepted")
+
+
+json_values = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
+                        st.text(max_size=10))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.dictionaries(st.sampled_from(["bn", "bt", "n", "u", "v", "t", "vs", "x"]), json_values,
+                                max_size=6), max_size=8))
+def test_senml_shaped_garbage_is_accounted(pack: list[dict[str, object]]) -> None:
+    if pack:
+        pack[0]["bn"] = "urn:dev:twin:copenhagen:marine:buoy-01:"
+    _accounted(TOPIC, json.dumps(pack).encode())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 65535), st.integers(0, 255), st.integers(0, 255),
+                          st.lists(st.integers(-32768, 32767), min_size=7, max_size=7)), min_size=1, max_size=20))
+def test_any_compact_rows_are_accounted_one_by_one(rows: list[tuple[int, int, int, list[int]]]) -> None:
+    fixed = [(dt, fl, m, [abs(v) if i in (2, 3, 4, 5, 6) else v for i, v in enumerate(vals)]) for dt, fl, m, vals in rows]
+    payload = encode_compact(MARINE, "buoy-01", 5, NOW - 1000, fixed)
+    out = decode_up(TOPIC, payload, NOW)
+    assert len(out.readings) + len(out.rejected) == len(rows)  # one bad reading costs no good ones
+
+
+def test_torn_log_tail_is_cut_and_earlier_records_survive(tmp_path: Path) -> None:
+    log = DurableLog(tmp_path / "log", 10 * 1024 * 1024, 1024 * 1024)
+    log.append([b"one", b"two"])
+    end = log.append([b"three"])
+    log.close()
+    seg = next((tmp_path / "log").glob("*.seg"))
+    with open(seg, "ab") as f:
+        f.write(struct.pack("<II", 100, 0) + b"partial")  # a crash mid-write
+    log = DurableLog(tmp_path / "log", 10 * 1024 * 1024, 1024 * 1024)
+    assert log.torn_bytes_cut == 15 and log.end == end
+    assert [p for _, p in log.read(0)] == [b"one", b"two", b"three"]
+
+
+def test_bad_messages_are_dead_lettered_and_the_gateway_keeps_running(
+        mosquitto: Mosquitto, influxd: Influxd, start_gateway, tmp_path: Path) -> None:
+    gw = start_gateway(limits={"max_payload_bytes": 2048})
+    pub = Publisher(mosquitto.port)
+    now = int(time.time())
+    good = Node("copenhagen", "marine", "buoy-01")
+    bad = {
+        "truncated": ("twin/copenhagen/marine/buoy-01/up", good.batch(3, now)[:-5]),
+        "identity": ("twin/copenhagen/marine/buoy-66/up", Node("x", "marine", "buoy-01").batch(1, now)),
+        "size": ("twin/copenhagen/marine/buoy-01/up", b"\xe1" + bytes(4000)),
+        "format": ("twin/copenhagen/marine/buoy-01/up", b"\x00\x01garbage"),
+        "topic": ("twin/copenhagen/marine/Not_A_Node/up", good.batch(1, now)),
+        "not_finite": ("twin/copenhagen/marine/buoy-01/up",
+                       b'[{"bn":"urn:dev:twin:copenhagen:marine:buoy-01:","bt":%d,"n":"ph","v":NaN}]' % now),
+        "time_future": ("twin/copenhagen/marine/buoy-01/up",
+                        Node("copenhagen", "marine", "buoy-01", next_seq=900).batch(1, now + 86400)),
+        "status_format": ("twin/copenhagen/marine/buoy-01/status", b"{not json"),
+    }
+    good.published.clear()
+    for topic, payload in bad.values():
+        pub.publish(topic, payload)
+    pub.publish(good.topic, good.batch(4, now - 10))
+    pub.wait_all()
+    wait_until(lambda: counts_by_node(influxd, "marine", "ph").get("buoy-01") == 4, 30, "the good batch")
+    listing = subprocess.run([sys.executable, "-m", "twinedge.cli", "gateway", "dead-letters", "-c",
+                              str(gw.config_path), "--json", "--limit", "100"], capture_output=True, text=True)
+    assert listing.returncode == 0, listing.stderr
+    items = [json.loads(line) for line in listing.stdout.splitlines()]
+    reasons = {i["reason"] for i in items}
+    assert set(bad) <= reasons, reasons
+    # The first three readings of the truncated message were never acknowledged as good: the message is kept whole.
+    trunc = next(i for i in items if i["reason"] == "truncated")
+    assert trunc["payload_hex"] and trunc["topic"] == "twin/copenhagen/marine/buoy-01/up"
+    assert gw.health()[0] == 200 and gw.proc is not None and gw.proc.poll() is None
+    assert gw.metrics()['twinedge_dead_letters_total{reason="size",stage="decode"}'] == 1.0
+    assert gw.stop() == 0
+
+
+BAD_CONFIGS = {
+    "missing city": ('data_dir = "x"\n', "city: is required but missing"),
+    "bad toml": ('city = "copenhagen\n', "not valid TOML"),
+    "bad url": ('city = "copenhagen"\ndata_dir = "x"\n[influx]\nurl = "localhost:8086"\n', "influx.url: must start with http://"),
+    "v2 without token": ('city = "copenhagen"\ndata_dir = "x"\n[influx]\napi = "v2"\norg = "o"\nbucket = "b"\n',
+                         "api = \"v2\" needs token"),
+    "typo": ('city = "copenhagen"\ndata_dir = "x"\n[mqtt]\nhots = "a"\n', "mqtt.hots: is not a known setting"),
+    "bad port": ('city = "copenhagen"\ndata_dir = "x"\n[mqtt]\nport = 70000\n', "mqtt.port: Input should be less than"),
+    "bad city": ('city = "Copenhagen!"\ndata_dir = "x"\n', "city: use lowercase letters"),
+}
+
+
+def test_bad_config_files_give_one_line_each_and_exit_2(tmp_path: Path) -> None:
+    for name, (text, expected) in BAD_CONFIGS.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.toml"
+        path.write_text(text)
+        for cmd in (["check-config", str(path)], ["run", "--config", str(path)]):
+            r = subprocess.run([sys.executable, "-m", "twinedge.cli", "gateway", *cmd], capture_output=True, text=True)
+            assert r.returncode == 2, (name, r.stdout, r.stderr)
+            assert expected in r.stderr, (name, r.stderr)
+            assert "Traceback" not in r.stderr + r.stdout
+    r = subprocess.run([sys.executable, "-m", "twinedge.cli", "gateway", "check-config", str(tmp_path / "nope.toml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_secrets_never_printed(tmp_path: Path) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text('city = "copenhagen"\ndata_dir = "x"\n[influx]\napi = "v2"\norg = "o"\nbucket = "b"\n')
+    env = {"TWINEDGE_INFLUX__TOKEN": "s3cret-token-value", "TWINEDGE_MQTT__PASSWORD": "mqtt-pass-xyz"}
+    import os
+
+    r = subprocess.run([sys.executable, "-m", "twinedge.cli", "gateway", "check-config", str(path)],
+                       capture_output=True, text=True, env={**os.environ, **env})
+    assert r.returncode == 0, r.stderr
+    assert "s3cret-token-value" not in r.stdout + r.stderr and "mqtt-pass-xyz" not in r.stdout + r.stderr
+    assert "********" in r.stdout
