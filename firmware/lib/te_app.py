@@ -256,6 +256,7 @@ class Node:
             h = self.b.heap()
             if h < self.heap_min:
                 self.heap_min = h
+            self.tr("heap", free=h)
             nxt = time.ticks_add(nxt, self.b.vms(self.cfg["interval_s"] * 1000))
             d = time.ticks_diff(nxt, time.ticks_ms())
             if d < 0:  # overran the interval: skip, do not burst

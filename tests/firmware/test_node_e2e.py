@@ -185,3 +185,34 @@ def test_readings_stored_before_sync_are_retimed(collector: Collector, make_node
     assert rs[1].flags == 1 and rs[2].flags == 1
     assert abs(rs[1].t - time.time()) < 60  # re-timed, not a day old
     assert any(r.flags == 0 for r in rs.values())
+
+
+def test_safe_mode_after_crash_boots_stays_reachable(collector: Collector, make_node: Any) -> None:
+    node = make_node("buoy-08", scenario={"values": VALUES})
+    cfg_file(node.flash, {"v": 1, "batch": 1})
+    # the board comes up from its 4th watchdog reset in a row
+    (node.flash / ".rtcmem").write_text(json.dumps({"c": 3, "sy": 1}))
+    (node.flash / ".reset_cause").write_text("wdt")
+    node.start()
+    st = wait_until(lambda: (s := collector.last_status("buoy-08")).get("safe") and s, 20, "safe-mode status", node)
+    assert st["reset"] == "wdt" and "safe mode after 3 crash boots" in st["cfg_err"]["reason"]
+    assert not collector.ups("buoy-08"), "safe mode does not sample"
+    # still reachable: a new config is taken, and the node reboots into normal operation
+    collector.publish("twin/copenhagen/marine/buoy-08/cfg", json.dumps({"v": 2, "batch": 1}), retain=True)
+    st = wait_until(lambda: (s := collector.last_status("buoy-08")).get("cfg") == 2 and not s.get("safe") and s,
+                    30, "normal mode with cfg 2", node)
+    assert st["reset"] == "soft" and node.boots == 2
+    wait_until(lambda: collector.ups("buoy-08"), 20, "readings again", node)
+
+
+def test_deep_sleep_duty_cycle_keeps_sequence(collector: Collector, make_node: Any) -> None:
+    node = make_node("buoy-09", scenario={"values": VALUES})
+    cfg_file(node.flash, {"v": 1, "batch": 10, "sleep_s": 60})
+    node.start()
+    topic = MARINE_TOPIC.format("buoy-09")
+    rs = wait_until(lambda: (r := collector.readings(topic, "buoy-09")) and len(r) >= 3 and r, 40,
+                    "three wake cycles", node)
+    assert sorted(rs)[:3] == [1, 2, 3] and node.boots >= 3
+    sleeps = [s for s in collector.statuses("buoy-09") if s.get("online") is False and s.get("sleep_s") == 60]
+    assert sleeps
+    assert any(s.get("reset") == "deepsleep" for s in collector.statuses("buoy-09"))
