@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from gateway.alarms import DEFAULT_BANDS
 from gateway.decode import Limits
 from gateway.schema import NAME_RE
 
@@ -89,6 +90,11 @@ class InfluxConfig(_Strict):
         return self
 
 
+class AlarmBand(_Strict):
+    lo: float | None = None
+    hi: float | None = None
+
+
 class LogConfig(_Strict):
     max_bytes: int = Field(2 * 1024**3, ge=1024 * 1024, description="disk bound of the durable log; when reached the gateway stops acknowledging")
     segment_bytes: int = Field(64 * 1024**2, ge=64 * 1024)
@@ -125,6 +131,14 @@ class GatewayConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     http: HttpConfig = HttpConfig()
     mirror: dict[str, Any] | None = Field(None, description="partner mirroring, see docs/mirroring.md")
+    alarms: dict[str, dict[str, AlarmBand]] = Field(
+        default_factory=lambda: {d: {f: AlarmBand(lo=lo, hi=hi) for f, (lo, hi) in b.items()}
+                                 for d, b in DEFAULT_BANDS.items()},
+        description="[alarms.<domain>] <field> = { lo = 7.5, hi = 8.6 }; leave a side out for no bound",
+    )
+
+    def alarm_bands(self) -> dict[str, dict[str, tuple[float | None, float | None]]]:
+        return {d: {f: (b.lo, b.hi) for f, b in fields.items()} for d, fields in self.alarms.items()}
 
     @field_validator("city", "instance")
     @classmethod

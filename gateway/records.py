@@ -77,5 +77,7 @@ def to_lines(record: dict[str, Any], extra_tags: dict[str, str] | None = None) -
     fv = _field_value
     for row in record["rows"]:
         fields = row[1]
-        out.append(prefix + ",".join(f"{k}={fv(v)}" for k, v in fields.items()) + f" {row[0]}")
+        # An optional 5th element is a per-row `field` tag (alarm records).
+        p = prefix if len(row) < 5 else prefix[:-1] + f",field={escape_tag(row[4])} "
+        out.append(p + ",".join(f"{k}={fv(v)}" for k, v in fields.items()) + f" {row[0]}")
     return out

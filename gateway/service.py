@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from gateway import records
 from gateway.config import GatewayConfig
+from gateway.alarms import AlarmTracker
 from gateway.dead_letter import DeadLetter, DeadLetterStore
 from gateway.decode import Rejected, decode_up
 from gateway.durable_log import DurableLog
@@ -79,6 +80,8 @@ class Gateway:
         self.log = DurableLog(cfg.data_dir / "log", cfg.log.max_bytes, cfg.log.segment_bytes, cfg.log.fsync)
         self.dead = DeadLetterStore(cfg.data_dir / "dead_letters.sqlite3")
         self.seq = SequenceTracker()
+        self.alarms = AlarmTracker(cfg.city, cfg.alarm_bands())
+        self.node_domain: dict[str, str] = {}
         self.registry = Registry(cfg)
         self.registry.load()
         self.limits = cfg.limits.to_limits()
@@ -158,8 +161,12 @@ class Gateway:
                 self.seq.duplicate(dec.node)
                 self.counts["duplicates"] += 1
                 m.duplicates.inc()
+        self.node_domain[dec.node] = dec.schema.domain
         if fresh:
             out.append(records.reading_record(dec, site, msg.received_at, fresh))
+            alarm = self.alarms.check(dec.schema.domain, dec.node, fresh, msg.received_at)
+            if alarm is not None:
+                out.append(alarm)
             m.accepted.labels(dec.schema.domain).inc(len(fresh))
             self.counts["accepted_readings"] += len(fresh)
 
@@ -219,9 +226,8 @@ class Gateway:
         for node, st in self.seq.nodes.items():
             node_rows.append((node, st))
         for node, st in node_rows:
-            known = self.registry.nodes.get(node)
             recs.append({"a": now, "m": "gateway_node",
-                         "tags": {"city": self.cfg.city, "node": node, "domain": known[1] if known else ""},
+                         "tags": {"city": self.cfg.city, "node": node, "domain": self.node_domain.get(node, "")},
                          "rows": [[t, {"received": st.received, "duplicates": st.duplicates, "gaps": st.gaps,
                                        "completeness": float(st.completeness), "last_seen": st.last_seen}, None, 0]]})
         lag_s = self._lag_seconds(now)

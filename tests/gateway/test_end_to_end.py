@@ -94,3 +94,24 @@ def test_status_is_recorded_and_health_reports(mosquitto: Mosquitto, influxd: In
     assert row["battery_v"] == 3.65 and row["online"] is True and row["node"] == "buoy-03"
     assert gw.health()[0] == 200
     assert gw.stop() == 0
+
+
+def test_alarm_band_crossings_are_written(mosquitto: Mosquitto, influxd: Influxd, start_gateway) -> None:
+    gw = start_gateway(alarms={"marine": {"ph": {"lo": 7.5, "hi": 8.6}}})
+    pub = Publisher(mosquitto.port)
+    now = int(time.time())
+    from gateway.decode import encode_compact
+    from gateway.schema import MARINE
+
+    rows = [(i, 0, 0x01, [ph, 0, 0, 0, 0, 0, 0]) for i, ph in enumerate([800, 810, 880, 890, 820, 700])]
+    pub.publish("twin/copenhagen/marine/buoy-09/up", encode_compact(MARINE, "buoy-09", 1, now - 100, rows))
+    pub.wait_all()
+
+    def states() -> list[tuple[int, str]]:
+        res = influxd.query("SELECT \"state\" FROM \"alarm\" WHERE \"node\" = 'buoy-09' AND \"field\" = 'ph'", db="twinedge")
+        series = res["results"][0].get("series", [])
+        return [(v[0], v[1]) for v in series[0]["values"]] if series else []
+
+    wait_until(lambda: len(states()) == 4, 20, "four alarm state changes")
+    assert states() == [(now - 100, "ok"), (now - 98, "high"), (now - 96, "ok"), (now - 95, "low")]
+    assert gw.stop() == 0
