@@ -74,7 +74,7 @@ class Node:
                        ncfg.get("user", self.id).encode(), ncfg.get("pass", "").encode(),
                        self.cfg["keepalive_s"], self.t_status,
                        b'{"v":1,"node":"%s","online":false}' % self.nid, self._on_msg, self.wake,
-                       self._on_ack, window=ncfg.get("window", 4))
+                       self._on_ack, window=ncfg.get("window", 2))
         # preallocated buffers
         self.rd = bytearray(te_wire.RSIZE)
         self.vals = [0] * 8
@@ -570,6 +570,7 @@ def main():
         log("not provisioned (%s): install node.json, then reset" % e)
         return
     board = Board(ncfg)
+    gc.collect()  # drop import-time garbage before the long-lived buffers are allocated
     try:
         node = Node(board, ncfg)
         asyncio.run(node.run())

@@ -23,7 +23,7 @@ LIMITS = {
     "batch": (1, 50),
     "keepalive_s": (10, 1200),
     "sleep_s": (0, 86400),
-    "flush_n": (1, 50),
+    "flush_n": (1, 16),
     "status_s": (10, 86400),
     "filt_n": (1, 9),
 }

@@ -10,7 +10,7 @@ import struct
 from micropython import const
 
 REC = const(28)
-STAGE_MAX = const(50)
+STAGE_MAX = const(16)
 _META = "<4sIIII"
 _MAGIC = b"TER1"
 

