@@ -67,7 +67,7 @@ class GatewayProcess:
         port_file.unlink(missing_ok=True)
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "twinedge.cli", "gateway", "run", "--config", str(self.config_path)],
+            [sys.executable, "-m", "gateway", "run", "--config", str(self.config_path)],
             stdout=logf, stderr=logf, env={**os.environ, **self.env}, start_new_session=True,
         )
         logf.close()
