@@ -125,6 +125,7 @@ class GatewayConfig(_Strict):
     stats_interval_s: float = Field(10.0, gt=0)
     drain_timeout_s: float = Field(10.0, ge=0)
     ingest_batch: int = Field(2000, ge=1, description="messages made durable per fsync at most")
+    ingest_batch_bytes: int = Field(128 * 1024, ge=1024, description="payload bytes per fsync at most (bounds memory)")
     mqtt: MqttConfig = MqttConfig()
     influx: InfluxConfig = InfluxConfig()
     log: LogConfig = LogConfig()

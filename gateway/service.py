@@ -98,11 +98,11 @@ class Gateway:
     # -- stage: ingest ----------------------------------------------------------------
     @staticmethod
     def record_bound(msg: Inbound) -> int:
-        """Upper bound of the log bytes one message can become (a 20-byte compact reading is < 320 B of JSON)."""
-        return 16 * len(msg.payload) + 1024
+        """Upper bound of the log bytes one message can become (a 20-byte compact reading is < 500 B of frame)."""
+        return 25 * len(msg.payload) + 2048
 
-    def _process(self, batch: list[Inbound]) -> tuple[list[dict[str, Any]], list[DeadLetter]]:
-        out: list[dict[str, Any]] = []
+    def _process(self, batch: list[Inbound]) -> tuple[list[tuple[dict[str, Any], str | None]], list[DeadLetter]]:
+        out: list[tuple[dict[str, Any], str | None]] = []
         dead: list[DeadLetter] = []
         now = int(time.time())
         for msg in batch:
@@ -113,7 +113,8 @@ class Gateway:
         self.counts["received_msgs"] += len(batch)
         return out, dead
 
-    def _process_one(self, msg: Inbound, now: int, out: list[dict[str, Any]], dead: list[DeadLetter]) -> None:
+    def _process_one(self, msg: Inbound, now: int, out: list[tuple[dict[str, Any], str | None]],
+                     dead: list[DeadLetter]) -> None:
         m = self.metrics
         try:
             topic = parse_topic(msg.topic)
@@ -139,7 +140,7 @@ class Gateway:
             if not msg.payload:
                 return  # a cleared retained status: nothing to record
             try:
-                out.append(status_record(topic, msg.payload, site, msg.received_at))
+                out.append((status_record(topic, msg.payload, site, msg.received_at), None))
             except StatusError as e:
                 dead.append(DeadLetter("decode", "status_format", str(e), msg.topic, topic.node, msg.payload))
             return
@@ -163,10 +164,11 @@ class Gateway:
                 m.duplicates.inc()
         self.node_domain[dec.node] = dec.schema.domain
         if fresh:
-            out.append(records.reading_record(dec, site, msg.received_at, fresh))
+            rec = records.reading_record(dec, site, msg.received_at, fresh)
+            out.append((rec, records.reading_lines(rec, dec, fresh)))
             alarm = self.alarms.check(dec.schema.domain, dec.node, fresh, msg.received_at)
             if alarm is not None:
-                out.append(alarm)
+                out.append((alarm, None))
             m.accepted.labels(dec.schema.domain).inc(len(fresh))
             self.counts["accepted_readings"] += len(fresh)
 
@@ -201,8 +203,10 @@ class Gateway:
             budget = self.cfg.ingest_batch
             room = self.log.max_bytes - self.log.size_bytes
             # Take only what is sure to fit, so a message is never de-duplicated and then not logged.
-            while q and budget and room >= self.record_bound(q[0]):
+            payload_budget = self.cfg.ingest_batch_bytes
+            while q and budget and payload_budget > 0 and room >= self.record_bound(q[0]):
                 room -= self.record_bound(q[0])
+                payload_budget -= len(q[0].payload)
                 batch.append(q.popleft())
                 budget -= 1
             recs, dead = self._process(batch)
@@ -210,7 +214,7 @@ class Gateway:
             # causes a redelivery, which de-duplication and InfluxDB's overwrite absorb.
             self.dead.add_many(dead)
             if recs:
-                self.log.append([records.encode(r) for r in recs])
+                self.log.append([records.encode(r, lines) for r, lines in recs])
                 self.metrics.log_appends.inc()
                 async with self.appended:
                     self.appended.notify_all()

@@ -81,8 +81,7 @@ class InfluxWriter:
         except aiohttp.ClientError as e:
             raise Retryable("connection", f"{type(e).__name__}: {e}") from None
 
-    async def _post(self, lines: list[str]) -> tuple[int, str, float | None]:
-        body = ("\n".join(lines) + "\n").encode()
+    async def _post(self, body: bytes) -> tuple[int, str, float | None]:
         if self.cfg.gzip:
             body = gzip.compress(body, compresslevel=1)
         try:
@@ -101,15 +100,22 @@ class InfluxWriter:
 
     async def write(self, lines: list[str]) -> list[Rejection]:
         """Write all lines; returns the lines InfluxDB refuses as malformed. Raises Retryable."""
-        status, text, retry_after = await self._post(lines)
+        return await self.write_body(("\n".join(lines) + "\n").encode())
+
+    async def write_body(self, body: bytes) -> list[Rejection]:
+        """Write newline-terminated line protocol; returns the lines refused as malformed. Raises Retryable."""
+        status, text, retry_after = await self._post(body)
         if status < 300:
             return []
         if status == 413 or status == 400:
+            lines = body.rstrip(b"\n").split(b"\n")
             if len(lines) == 1:
-                return [Rejection(lines[0], f"InfluxDB {status}: {text.strip()[:200]}")]
+                return [Rejection(lines[0].decode(errors="replace"), f"InfluxDB {status}: {text.strip()[:200]}")]
             # Bisect so one malformed point does not cost the rest; rewrites are idempotent.
             mid = len(lines) // 2
-            return await self.write(lines[:mid]) + await self.write(lines[mid:])
+            first = b"\n".join(lines[:mid]) + b"\n"
+            second = b"\n".join(lines[mid:]) + b"\n"
+            return await self.write_body(first) + await self.write_body(second)
         if status == 429 or status >= 500:
             raise Retryable(f"http_{status}", f"InfluxDB answered {status}: {text.strip()[:120]}", retry_after)
         if status in (401, 403):
@@ -148,50 +154,54 @@ class InfluxSink:
             except asyncio.TimeoutError:
                 pass
 
-    def _collect(self) -> tuple[list[str], int, float | None]:
-        lines: list[str] = []
+    def _collect(self) -> tuple[list[bytes], int, int, float | None]:
+        """Whole records from the cursor until batch_points lines: (chunks, lines, next offset, oldest receive time)."""
+        chunks: list[bytes] = []
+        n = 0
         offset = self.cursor
         first_at: float | None = None
-        while len(lines) < self.cfg.batch_points:
-            recs = self.log.read(offset, max_bytes=2 * 1024 * 1024)
+        while n < self.cfg.batch_points:
+            recs = self.log.read(offset, max_bytes=1024 * 1024)
             if not recs:
                 break
             for next_off, blob in recs:
-                rec = records.decode(blob)
                 if first_at is None:
-                    first_at = rec["a"]
-                lines.extend(records.to_lines(rec))
+                    first_at = records.frame_received_at(blob)
+                lines = records.frame_lines(blob)
+                chunks.append(lines)
+                n += lines.count(b"\n")
                 offset = next_off
-                if len(lines) >= self.cfg.batch_points:
+                if n >= self.cfg.batch_points:
                     break
-        return lines, offset, first_at
+        return chunks, n, offset, first_at
 
     async def run(self) -> None:
         async with aiohttp.ClientSession() as session:
             writer = InfluxWriter(self.cfg, session)
             await self._retry(writer.ensure_database, "create database")
             while not self._stop.is_set():
-                lines, offset, first_at = self._collect()
+                chunks, n, offset, first_at = self._collect()
                 self.oldest_pending_at = first_at
-                if not lines:
+                if not n:
                     if offset != self.cursor:  # records without rows
                         self._commit(offset)
                     await self._wait_for_data(1.0)
                     continue
-                if len(lines) < self.cfg.batch_points and first_at is not None:
+                if n < self.cfg.batch_points and first_at is not None:
                     wait = self.cfg.flush_interval_s - (time.time() - first_at)
                     if wait > 0 and not self._stop.is_set():
                         await self._wait_for_data(wait)
-                        lines, offset, first_at = self._collect()
-                ok = await self._retry(lambda: self._write(writer, lines), "write")
+                        chunks, n, offset, first_at = self._collect()
+                body = b"".join(chunks)
+                ok = await self._retry(lambda: self._write(writer, body, n), "write")
                 if not ok:
                     return  # stopping: the batch stays in the log
                 self._commit(offset)
-                self.points_written += len(lines)
+                self.points_written += n
 
-    async def _write(self, writer: InfluxWriter, lines: list[str]) -> None:
+    async def _write(self, writer: InfluxWriter, body: bytes, n: int) -> None:
         t0 = time.perf_counter()
-        rejected = await writer.write(lines)
+        rejected = await writer.write_body(body)
         self.metrics.write_latency.labels(SINK).observe(time.perf_counter() - t0)
         if rejected:
             self.dead.add_many([
@@ -200,7 +210,7 @@ class InfluxSink:
             ])
             for _ in rejected:
                 self.metrics.dead_letters.labels("influx", "influx_rejected").inc()
-        self.metrics.sink_points.labels(SINK).inc(len(lines) - len(rejected))
+        self.metrics.sink_points.labels(SINK).inc(n - len(rejected))
 
     async def _retry(self, fn: Callable[[], object], what: str) -> bool:
         attempt = 0

@@ -115,3 +115,34 @@ def test_alarm_band_crossings_are_written(mosquitto: Mosquitto, influxd: Influxd
     wait_until(lambda: len(states()) == 4, 20, "four alarm state changes")
     assert states() == [(now - 100, "ok"), (now - 98, "high"), (now - 96, "ok"), (now - 95, "low")]
     assert gw.stop() == 0
+
+
+def test_point_influxdb_refuses_is_dead_lettered_and_the_rest_written(mosquitto: Mosquitto, influxd: Influxd,
+                                                                      start_gateway) -> None:
+    import urllib.request
+
+    from gateway.decode import encode_compact
+    from gateway.schema import MARINE
+
+    now = int(time.time())
+    influxd.create_db("twinedge")
+    # Someone else wrote `unsynced` as a string in this shard: our boolean will be refused (field type conflict).
+    req = urllib.request.Request(f"{influxd.url}/write?db=twinedge&precision=s",
+                                 data=f'marine,node=other unsynced="yes" {now}\n'.encode(), method="POST")
+    urllib.request.urlopen(req, timeout=10).read()
+    gw = start_gateway()
+    pub = Publisher(mosquitto.port)
+    rows = [(i, 1 if i == 3 else 0, 0x7F, [810, 1500, 700, 45000, 3100, 120, 3700]) for i in range(8)]
+    pub.publish("twin/copenhagen/marine/buoy-05/up", encode_compact(MARINE, "buoy-05", 1, now - 50, rows))
+    pub.wait_all()
+    wait_until(lambda: counts_by_node(influxd, "marine", "ph").get("buoy-05") == 7, 20, "the 7 acceptable points")
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "gateway", "dead-letters", "-c", str(gw.config_path), "--json"],
+                       capture_output=True, text=True)
+    items = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [i["reason"] for i in items] == ["influx_rejected"]
+    assert "unsynced=true" in items[0]["item"]["line"] and f" {now - 47}" in items[0]["item"]["line"]
+    assert "conflict" in items[0]["detail"]
+    assert gw.stop() == 0

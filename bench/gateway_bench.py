@@ -1,0 +1,318 @@
+"""Gateway benchmark (issue 2). Not a test: prints figures and compares with baselines run alongside.
+
+  python -m bench.gateway_bench            # full run (~10 min on 2 cores)
+  python -m bench.gateway_bench --quick    # smaller workloads, same shape
+
+Everything runs on this machine: one Mosquitto and one influxd (started here), 200 simulated
+nodes in two cities (100 each), QoS 1. Contenders per workload, each on a fresh database:
+  gateway : two `twinedge gateway run` processes (one per city)
+  naive   : paho on_message -> buffer 1,000 points -> HTTP write (bench/_contenders.py)
+  bare    : a subscriber that only counts messages (the broker's limit)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench._common import LoadGenerator, build_payloads, cpu_seconds, node_ids, rss_mb
+from twinedge.gatewayproc import GatewayProcess
+from twinedge.services import Influxd, Mosquitto
+
+CITIES = ("copenhagen", "tongyeong")
+
+
+def count_points(influx: Influxd, db: str) -> int:
+    total = 0
+    for meas, field in (("marine", "ph"), ("mobility", "vehicles")):
+        res = influx.query(f'SELECT count("{field}") FROM "{meas}"', db=db)
+        series = res["results"][0].get("series")
+        if series:
+            total += int(series[0]["values"][0][1])
+    return total
+
+
+def wait_points(influx: Influxd, db: str, n: int, timeout: float = 900, interval: float = 0.25) -> float:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if count_points(influx, db) >= n:
+            return time.time()
+        time.sleep(interval)
+    raise RuntimeError(f"only {count_points(influx, db)} of {n} points in {db} after {timeout} s")
+
+
+def start_gateways(work: Path, broker: Mosquitto, influx: Influxd, db: str, **extra: object) -> list[GatewayProcess]:
+    gws = []
+    for city in CITIES:
+        gw = GatewayProcess(work / db, city, broker.port, influx.url, database=db,
+                            extra={"stats_interval_s": 10.0, "influx": {"max_backoff_s": 1.0}, **extra})
+        gws.append(gw.start())
+    return gws
+
+
+def start_contender(kind: str, broker: Mosquitto, influx: Influxd, db: str, expected_per_city: int) -> list[subprocess.Popen[str]]:
+    procs = []
+    for city in CITIES:
+        p = subprocess.Popen([sys.executable, "-m", "bench._contenders", kind, str(broker.port), city,
+                              str(expected_per_city), influx.url, db], stdout=subprocess.PIPE, text=True)
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        procs.append(p)
+    return procs
+
+
+def throughput(kind: str, per_msg: int, msgs_per_node: int, broker: Mosquitto, influx: Influxd, work: Path,
+               nodes_per_city: int = 100) -> dict[str, float]:
+    db = f"bench_{kind}_{per_msg}"
+    influx.create_db(db)
+    t_base = int(time.time()) - 20 * 86400
+    payloads = [build_payloads(c, nodes_per_city, msgs_per_node, per_msg, t_base) for c in CITIES]
+    n_msgs = sum(len(p) for p in payloads)
+    n_readings = n_msgs * per_msg
+    gws: list[GatewayProcess] = []
+    procs: list[subprocess.Popen[str]] = []
+    if kind == "gateway":
+        gws = start_gateways(work, broker, influx, db)
+        cpu0 = sum(cpu_seconds(g.proc.pid) for g in gws if g.proc)
+    else:
+        procs = start_contender(kind, broker, influx, db, len(payloads[0]))
+    load = LoadGenerator(broker.port, payloads, tag=f"{kind}{per_msg}")
+    t0 = load.start()
+    pub_span = load.join()
+    if kind == "bare":
+        ends = []
+        for p in procs:
+            assert p.stdout is not None
+            line = p.stdout.readline().split()
+            ends.append(float(line[2]))
+            p.wait(10)
+        t_end = max(ends)
+    else:
+        t_end = wait_points(influx, db, n_readings)
+    out = {"readings": n_readings, "messages": n_msgs, "seconds": t_end - t0,
+           "readings_per_s": n_readings / (t_end - t0), "msgs_per_s": n_msgs / (t_end - t0),
+           "publish_s": pub_span[1] - pub_span[0]}
+    if gws:
+        out["gateway_cpu_s"] = sum(cpu_seconds(g.proc.pid) for g in gws if g.proc) - cpu0
+        out["gateway_rss_mb"] = max(rss_mb(g.proc.pid)[1] for g in gws if g.proc)
+        for g in gws:
+            g.stop()
+    for p in procs:
+        p.kill()
+    influx.query(f'DROP DATABASE "{db}"', method="POST")
+    return out
+
+
+def latency_and_outage(broker: Mosquitto, influx: Influxd, work: Path, rate: int, steady_s: float,
+                       outage_s: float) -> dict[str, float]:
+    """Steady `rate` readings/s from 200 nodes; probes measure publish-to-queryable; then an InfluxDB outage."""
+    import paho.mqtt.client as mqtt
+
+    from gateway.decode import encode_compact
+    from gateway.schema import MARINE
+
+    db = "bench_latency"
+    influx.create_db(db)
+    gws = start_gateways(work, broker, influx, db)
+    per_msg = 10
+    probes = [f"probe-{i:02d}" for i in range(20)]
+    bg_nodes = node_ids(CITIES[0], 90) + node_ids(CITIES[1], 90)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-steady")
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    stop = threading.Event()
+    sent_probe: dict[tuple[str, int], float] = {}
+    seqs: dict[str, int] = {}
+    published = {"readings": 0}
+
+    def publisher() -> None:
+        msgs_per_s = (rate - len(probes)) / per_msg
+        t_start = time.time()
+        i = 0
+        last_probe_sec = 0
+        while not stop.is_set():
+            now = time.time()
+            sec = int(now)
+            if sec != last_probe_sec:  # each probe: one single-reading message per second, time = that second
+                last_probe_sec = sec
+                for p in probes:
+                    s = seqs.get(p, 0) + 1
+                    seqs[p] = s
+                    payload = encode_compact(MARINE, p, s, sec, [(0, 0, 0x01, [810, 0, 0, 0, 0, 0, 0])])
+                    client.publish(f"twin/{CITIES[0]}/marine/{p}/up", payload, qos=1)
+                    sent_probe[(p, sec)] = time.time()
+                    published["readings"] += 1
+            domain, node = bg_nodes[i % len(bg_nodes)]
+            city = CITIES[0] if node.split("-")[1] == CITIES[0][:3] else CITIES[1]
+            s = seqs.get(node, 0) + 1
+            seqs[node] = s + per_msg - 1
+            schema = MARINE if domain == "marine" else None
+            if schema is None:
+                from gateway.schema import MOBILITY as schema  # noqa: N811
+            vals = [810, 1500, 700, 45000, 3100, 120, 3700] if domain == "marine" else [5, 2, 1, 400, 600, 800, 3900, 60]
+            mask = 0x7F if domain == "marine" else 0xFF
+            t0 = int(now) - per_msg * 2 - 86400 + (s % 86400)
+            payload = encode_compact(schema, node, s, t0, [(j, 0, mask, vals) for j in range(per_msg)])
+            client.publish(f"twin/{city}/{domain}/{node}/up", payload, qos=1)
+            published["readings"] += per_msg
+            i += 1
+            ahead = t_start + i / msgs_per_s - time.time()
+            if ahead > 0:
+                time.sleep(ahead)
+
+    landed: dict[tuple[str, int], float] = {}
+
+    def poller() -> None:
+        while not stop.is_set() or len(landed) < len(sent_probe):
+            try:
+                res = influx.query('SELECT last("ph") FROM "marine" WHERE "node" =~ /^probe/ AND time > now() - 1h '
+                                   'GROUP BY "node"', db=db)
+            except Exception:  # noqa: BLE001 - influx is down during the outage phase
+                time.sleep(0.05)
+                continue
+            now = time.time()
+            for s in res["results"][0].get("series", []):
+                node = s["tags"]["node"]
+                newest = int(s["values"][0][0])
+                for (p, sec), _t in list(sent_probe.items()):
+                    if p == node and sec <= newest and (p, sec) not in landed:
+                        landed[(p, sec)] = now
+            if stop.is_set() and time.time() > stop_time + 120:
+                return
+            time.sleep(0.02)
+
+    stop_time = float("inf")
+    pth = threading.Thread(target=publisher, daemon=True)
+    qth = threading.Thread(target=poller, daemon=True)
+    pth.start()
+    qth.start()
+    time.sleep(steady_s)
+    lats = sorted(landed[k] - sent_probe[k] for k in list(landed) if k in sent_probe)
+    out: dict[str, float] = {"latency_samples": len(lats),
+                             "latency_p50_s": statistics.median(lats) if lats else float("nan"),
+                             "latency_p99_s": lats[int(len(lats) * 0.99) - 1] if lats else float("nan"),
+                             "steady_rate": published["readings"] / steady_s}
+    # InfluxDB outage under the same live load, then measure how fast the backlog drains.
+    influx.stop()
+    t_out = time.time()
+    time.sleep(outage_s)
+    influx.start()
+    t_back = time.time()
+    backlog_bytes = sum(g.metrics().get('twinedge_sink_lag_bytes{sink="influx"}', 0) for g in gws)
+
+    def lag() -> float:
+        return max(g.metrics().get('twinedge_sink_lag_seconds{sink="influx"}', 0) for g in gws)
+
+    while lag() > 1.0 and time.time() - t_back < 600:
+        time.sleep(0.1)
+    t_caught = time.time()
+    stop.set()
+    stop_time = time.time()
+    pth.join(5)
+    outage_readings = rate * (t_back - t_out)
+    drain = t_caught - t_back
+    out.update({"outage_s": t_back - t_out, "catch_up_s": drain, "backlog_bytes": backlog_bytes,
+                "catch_up_rate": (outage_readings + rate * drain) / drain if drain > 0 else float("inf")})
+    out["catch_up_ratio"] = out["catch_up_rate"] / rate
+    client.loop_stop()
+    for g in gws:
+        g.stop()
+    influx.query(f'DROP DATABASE "{db}"', method="POST")
+    return out
+
+
+def backlog_rss(broker: Mosquitto, influx: Influxd, work: Path, n_readings: int) -> dict[str, float]:
+    """RSS of a gateway holding an n-reading backlog (InfluxDB unreachable), then its drain rate."""
+    db = "bench_backlog"
+    influx.create_db(db)
+    gw = GatewayProcess(work / db, CITIES[0], broker.port, influx.url, database=db,
+                        extra={"influx": {"url": "http://127.0.0.1:9", "max_backoff_s": 1.0},
+                               "log": {"max_bytes": 8 * 1024**3}}).start()
+    per_msg = 50
+    nodes = 200
+    msgs_per_node = max(1, n_readings // (nodes * per_msg))
+    payloads = build_payloads(CITIES[0], nodes, msgs_per_node, per_msg, int(time.time()) - 20 * 86400)
+    half = len(payloads) // 2
+    load = LoadGenerator(broker.port, [payloads[:half], payloads[half:]], tag="backlog")
+    load.start()
+    load.join()
+    total = len(payloads) * per_msg
+    while gw.metrics().get('twinedge_readings_accepted_total{domain="marine"}', 0) + \
+            gw.metrics().get('twinedge_readings_accepted_total{domain="mobility"}', 0) < total:
+        time.sleep(0.5)
+    assert gw.proc is not None
+    rss_now, rss_peak = rss_mb(gw.proc.pid)
+    log_bytes = gw.metrics().get("twinedge_log_bytes", 0)
+    gw.stop()
+    # Same data dir, InfluxDB reachable now: time the drain.
+    gw.extra["influx"] = {"url": influx.url, "max_backoff_s": 1.0}
+    t0 = time.time()
+    gw.start()
+    t_end = wait_points(influx, db, total, timeout=1200, interval=0.5)
+    assert gw.proc is not None
+    drain_rss = rss_mb(gw.proc.pid)[1]
+    gw.stop()
+    influx.query(f'DROP DATABASE "{db}"', method="POST")
+    return {"backlog_readings": total, "rss_mb": rss_now, "rss_peak_mb": rss_peak, "log_mb": log_bytes / 1e6,
+            "drain_s": t_end - t0, "drain_rate": total / (t_end - t0), "drain_rss_peak_mb": drain_rss}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller workloads (~3 min)")
+    ap.add_argument("--only", choices=["throughput", "latency", "backlog"], help="run one part")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    q = args.quick
+    results: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="twinedge-bench-") as tmp:
+        work = Path(tmp)
+        broker = Mosquitto(work / "mosquitto", extra_conf=["max_inflight_messages 1000"]).start()
+        influx = Influxd(work / "influxd").start()
+        try:
+            if args.only in (None, "throughput"):
+                for label, per_msg, mpn in (("(2) 50 readings/message", 50, 40 if q else 100),
+                                            ("(1) 1 reading/message", 1, 100 if q else 250)):
+                    row = {}
+                    for kind in ("bare", "naive", "gateway"):
+                        row[kind] = throughput(kind, per_msg, mpn, broker, influx, work)
+                        r = row[kind]
+                        print(f"{label:26s} {kind:8s} {r['readings']:>9,d} readings in {r['seconds']:6.2f} s = "
+                              f"{r['readings_per_s']:>10,.0f} readings/s ({r['msgs_per_s']:,.0f} msg/s)"
+                              + (f"  gateway CPU {r['gateway_cpu_s']:.1f} s, peak RSS {r['gateway_rss_mb']:.0f} MB"
+                                 if kind == "gateway" else ""), flush=True)
+                    g, n, b = row["gateway"]["readings_per_s"], row["naive"]["readings_per_s"], row["bare"]["readings_per_s"]
+                    print(f"{label:26s} gateway/naive = {g / n:.2f}x   gateway/bare = {g / b:.2f}x", flush=True)
+                    results[f"throughput_{per_msg}"] = row
+            if args.only in (None, "latency"):
+                r = latency_and_outage(broker, influx, work, 5000, 15 if q else 30, 20 if q else 60)
+                print(f"steady {r['steady_rate']:,.0f} readings/s: publish-to-queryable p50 {r['latency_p50_s'] * 1000:.0f} ms, "
+                      f"p99 {r['latency_p99_s'] * 1000:.0f} ms ({r['latency_samples']:.0f} probes)", flush=True)
+                print(f"InfluxDB outage {r['outage_s']:.0f} s under live load: caught up in {r['catch_up_s']:.1f} s, "
+                      f"catch-up rate {r['catch_up_rate']:,.0f} readings/s = {r['catch_up_ratio']:.1f}x the live rate",
+                      flush=True)
+                results["latency_outage"] = r
+            if args.only in (None, "backlog"):
+                r = backlog_rss(broker, influx, work, 1_000_000 if q else 5_000_000)
+                print(f"backlog {r['backlog_readings']:,.0f} readings ({r['log_mb']:.0f} MB log): gateway RSS "
+                      f"{r['rss_mb']:.0f} MB (peak {r['rss_peak_mb']:.0f} MB); drained in {r['drain_s']:.1f} s = "
+                      f"{r['drain_rate']:,.0f} readings/s (peak RSS while draining {r['drain_rss_peak_mb']:.0f} MB)",
+                      flush=True)
+                results["backlog"] = r
+        finally:
+            broker.stop()
+            influx.stop()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,844 @@
+"""Partner mirroring: a policy-filtered, acknowledged, reconcilable copy of our city's data for the partner.
+
+Stages (see docs/mirroring.md):
+
+    durable log --own cursor--> MirrorSink (policy filter + transforms + aggregation)
+        --> archive (SQLite, one transaction per batch) --> Sender --MQTT/TLS, QoS 1-->
+        partner broker `mirror/<partner>/<us>/batch` --> partner's Receiver --> partner InfluxDB
+        <-- app-level ack `mirror/<partner>/<us>/ack` (per batch)
+    Sender <--> partner's Receiver: reconciliation `recon` / `recon_reply` (count + hash per node per hour);
+        mismatching hours are replayed from the archive.
+    our broker `mirror/<us>/+/batch` --> our Receiver --> our InfluxDB (partner database, tag origin)
+
+The mirror sink has its own log cursor: a partner outage fills the archive (then the log),
+never blocks InfluxDB; an InfluxDB outage never blocks mirroring. The receiver writes
+partner data straight to InfluxDB, never into our durable log, and the sink only mirrors
+records whose city is ours: two cities mirroring each other cannot loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from prometheus_client import Counter, Gauge
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from gateway import records
+from gateway.config import ConfigError, InfluxConfig
+from gateway.dead_letter import DeadLetter
+from gateway.mirror_archive import ACKED, REJECTED, Archive
+from gateway.mirror_link import LinkMessage, MqttLink
+from gateway.mirror_policy import POINT_TAGS, Policy, PolicyError, ShareRule, finite, load_policy
+from gateway.mirror_wire import (Point, WireError, check_manifest, decode_body, digest, encode_batch, point_hash,
+                                 split_batch)
+from gateway.schema import NAME_RE
+from gateway.sink_influx import InfluxWriter, Retryable
+
+if TYPE_CHECKING:
+    from gateway.service import Gateway, Sink
+
+log = logging.getLogger("twinedge.gateway.mirror")
+
+TOPIC_ROOT = "mirror"
+INFLUX_TAGS = set(POINT_TAGS) | {"origin"}
+
+
+def topic(dest: str, origin: str, kind: str) -> str:
+    """All mirror traffic lives under the receiving city's `mirror/<dest>/#` (the partner account's ACL)."""
+    return f"{TOPIC_ROOT}/{dest}/{origin}/{kind}"
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class PartnerBroker(_Strict):
+    host: str = Field(..., description="the partner city's broker")
+    port: int = Field(8883, ge=1, le=65535)
+    username: str = Field("", description="partner-issued account, e.g. partner-<our city>")
+    password: SecretStr = SecretStr("")
+    tls_ca: Path | None = Field(None, description="the partner city's CA certificate; required unless insecure = true")
+    insecure: bool = Field(False, description="allow a plain-TCP link (tests and labs only)")
+    client_id: str = ""
+    keepalive_s: int = Field(30, ge=5, le=3600)
+
+    @model_validator(mode="after")
+    def _tls(self) -> "PartnerBroker":
+        if self.tls_ca is None and not self.insecure:
+            raise ValueError("tls_ca is required (the partner's CA certificate); set insecure = true only in a lab")
+        return self
+
+
+class Inbound(_Strict):
+    enabled: bool = Field(True, description="receive the partner's batches on our own broker")
+    host: str = Field("", description="default: the gateway's [mqtt] host")
+    port: int = Field(0, ge=0, le=65535, description="default: the gateway's [mqtt] port")
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    tls_ca: Path | None = None
+    database: str = Field("twinedge_partner", description="InfluxDB database (v1) for partner data")
+    bucket: str = Field("", description="InfluxDB bucket (v2) for partner data; default: database")
+    write_batch_points: int = Field(20000, ge=100)
+
+
+class MirrorConfig(_Strict):
+    partner: str
+    policy: Path
+    partner_broker: PartnerBroker
+    inbound: Inbound = Inbound()
+    batch_max_points: int = Field(5000, ge=1, le=100_000)
+    batch_max_age_s: float = Field(1.0, gt=0, le=600)
+    max_inflight_batches: int = Field(16, ge=1, le=1000)
+    ack_timeout_s: float = Field(20.0, gt=0)
+    archive_max_pending_bytes: int = Field(512 * 1024**2, ge=1024 * 1024,
+                                           description="unacknowledged archive bound; beyond it the sink stops reading the log")
+    retention_h: int = Field(48, ge=1, description="acknowledged batches kept for replay")
+    reconcile_interval_s: float = Field(300.0, gt=0)
+    reconcile_window_h: int = Field(24, ge=1)
+    reconcile_settle_s: float = Field(120.0, ge=0, description="compare an hour this long after it ends")
+    agg_grace_s: float = Field(60.0, ge=0, description="emit an aggregation bin this long after it ends")
+
+    @model_validator(mode="after")
+    def _names(self) -> "MirrorConfig":
+        if not NAME_RE.match(self.partner):
+            raise ValueError("partner: use the partner city's name (lowercase letters, digits, '-')")
+        if self.reconcile_window_h > self.retention_h:
+            raise ValueError("reconcile_window_h must not exceed retention_h (replay needs the archive)")
+        return self
+
+
+def validate_mirror_config(data: dict[str, Any], city: str | None = None) -> MirrorConfig:
+    """Validate the `[mirror]` section (and the policy file it names). Raises ConfigError, one line per problem."""
+    try:
+        cfg = MirrorConfig.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = "mirror." + ".".join(str(p) for p in err["loc"]) if err["loc"] else "mirror"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "missing":
+                msg = "is required but missing (see docs/mirroring.md)"
+            elif err["type"] == "extra_forbidden":
+                msg = "is not a known mirror setting (see docs/mirroring.md)"
+            problems.append(f"{loc}: {msg}")
+        raise ConfigError(problems) from None
+    try:
+        policy = load_policy(cfg.policy)
+        if city is not None:
+            other = policy.partner_of(city)
+            if other != cfg.partner:
+                raise PolicyError([f"{cfg.policy}: policy partners {city} with {other}, but mirror.partner = {cfg.partner!r}"])
+    except PolicyError as e:
+        raise ConfigError([f"mirror.policy: {p}" for p in e.problems]) from None
+    return cfg
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+class MirrorMetrics:
+    def __init__(self, gw: "Gateway") -> None:
+        r = gw.metrics.registry
+        self.points = Counter("twinedge_mirror_points", "Mirrored points", ["direction"], registry=r)
+        self.bytes = Counter("twinedge_mirror_bytes", "Mirror batch bytes (compressed, with manifest)", ["direction"], registry=r)
+        self.batches = Counter("twinedge_mirror_batches", "Mirror batches by result", ["direction", "result"], registry=r)
+        self.filtered = Counter("twinedge_mirror_filtered", "Log records or rows not mirrored, by reason", ["reason"], registry=r)
+        self.lag = Gauge("twinedge_mirror_lag_seconds", "Age of the oldest record not yet acknowledged by the partner", registry=r)
+        self.pending = Gauge("twinedge_mirror_pending_batches", "Batches not yet acknowledged by the partner", registry=r)
+        self.pending_bytes = Gauge("twinedge_mirror_pending_bytes", "Bytes of batches not yet acknowledged", registry=r)
+        self.completeness = Gauge("twinedge_mirror_completeness",
+                                  "Share of what we sent that the partner holds (last reconciliation, 0..1)", registry=r)
+        self.compared_points = Gauge("twinedge_mirror_compared_points", "Points covered by the last reconciliation", registry=r)
+        self.replayed = Counter("twinedge_mirror_replayed_points", "Points replayed after reconciliation found a gap", registry=r)
+        self.recon_rounds = Counter("twinedge_mirror_reconciliations", "Reconciliation rounds answered", registry=r)
+        self.link_up = Gauge("twinedge_mirror_link_connected", "1 while the mirror link is connected", ["link"], registry=r)
+        self.completeness.set(math.nan)
+
+
+# -- sending side: policy filter, transforms, aggregation, archive -------------------------------
+
+class MirrorSink:
+    """Reads the durable log from its own cursor and turns it into archived batches for the partner."""
+
+    def __init__(self, gw: "Gateway", cfg: MirrorConfig, policy: Policy, archive: Archive, metrics: MirrorMetrics,
+                 batch_ready: asyncio.Event) -> None:
+        self.gw = gw
+        self.cfg = cfg
+        self.policy = policy
+        self.archive = archive
+        self.metrics = metrics
+        self.batch_ready = batch_ready
+        self.city = gw.cfg.city
+        self.name = f"mirror-{cfg.partner}"
+        self.cursor = max(gw.log.cursor(self.name), archive.applied_offset())
+        self.oldest_pending_at: float | None = None
+        self._stop = asyncio.Event()
+        self._tokens = policy.max_points_per_s
+        self._tokens_at = time.monotonic()
+        # (m, node, bin) -> [tags, {field: [n, sum, max, min]}, dirty]
+        self._bins: dict[tuple[str, str, int], list[Any]] = {}
+        for m, node, b, tags, state in archive.agg_dirty():
+            self._bins[(m, node, b)] = [tags, state, True]
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- transforms ---------------------------------------------------------------------
+    def transform(self, rec: dict[str, Any], raw_out: list[Point]) -> None:
+        m = rec.get("m", "")
+        rule = self.policy.rule(m)
+        if rule is None:
+            self.metrics.filtered.labels("measurement").inc()
+            return
+        tags: dict[str, str] = rec.get("tags", {})
+        if tags.get("city") != self.city:
+            # Never mirror what is not ours: this is what makes two mirroring cities loop-free.
+            self.metrics.filtered.labels("not_our_city").inc()
+            return
+        dom = tags.get("domain")
+        if dom and dom not in rule.domains:
+            self.metrics.filtered.labels("domain").inc()
+            return
+        node = tags.get("node", "")
+        if not rule.node_ok(node):
+            self.metrics.filtered.labels("node").inc()
+            return
+        out_tags = {k: str(tags[k]) for k in ("city", "domain", "node") if tags.get(k)}
+        site = rule.site_value(str(tags.get("site", "")))
+        if site:
+            out_tags["site"] = site
+        if rule.aggregate_minutes:
+            self._aggregate(rule, m, node, out_tags, rec["rows"])
+            return
+        for t, fields, seq, _flags in rec["rows"]:
+            f = {k: rule.fields[k].apply(v) for k, v in fields.items()
+                 if k in rule.fields and v is not None and finite(v)}
+            if f:
+                raw_out.append(Point(m, out_tags, int(t), f, seq))
+
+    def _aggregate(self, rule: ShareRule, m: str, node: str, tags: dict[str, str], rows: list[Any]) -> None:
+        width = rule.aggregate_minutes * 60
+        for t, fields, _seq, _flags in rows:
+            b = int(t) - int(t) % width
+            key = (m, node, b)
+            slot = self._bins.get(key)
+            if slot is None:
+                loaded = self.archive.agg_load(m, node, b)
+                slot = [tags, loaded[1] if loaded else {}, True]
+                self._bins[key] = slot
+            slot[0] = tags
+            slot[2] = True
+            state = slot[1]
+            for k, v in fields.items():
+                if k not in rule.fields or v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not finite(v):
+                    continue
+                st = state.get(k)
+                if st is None:
+                    state[k] = [1, v, v, v]
+                else:
+                    st[0] += 1
+                    st[1] += v
+                    st[2] = max(st[2], v)
+                    st[3] = min(st[3], v)
+
+    def _closed_bins(self, now: float) -> tuple[list[Point], list[tuple[str, str, int, str, str, int]]]:
+        """Emit every dirty bin that has closed; persist all dirty bins' state."""
+        points: list[Point] = []
+        rows: list[tuple[str, str, int, str, str, int]] = []
+        done = []
+        for (m, node, b), (tags, state, dirty) in self._bins.items():
+            if not dirty:
+                continue
+            rule = self.policy.rule(m)
+            width = (rule.aggregate_minutes if rule else 1) * 60
+            closed = b + width + self.cfg.agg_grace_s <= now
+            if closed and rule is not None and state:
+                f: dict[str, Any] = {}
+                for k, (n, s, mx, mn) in state.items():
+                    fr = rule.fields[k]
+                    for stat in rule.stats:
+                        if stat == "count":
+                            f[f"{k}_count"] = int(n)
+                        elif stat == "mean":
+                            f[f"{k}_mean"] = fr.apply(float(s) / n)
+                        elif stat == "max":
+                            f[f"{k}_max"] = fr.apply(mx)
+                        else:
+                            f[f"{k}_min"] = fr.apply(mn)
+                points.append(Point(m, dict(tags), b, f, None))
+            rows.append((m, node, b, json.dumps(tags), json.dumps(state), 0 if closed else 1))
+            if closed:
+                done.append((m, node, b))
+        for k in done:
+            del self._bins[k]  # reloaded from the archive if a late reading arrives
+        return points, rows
+
+    # -- loop ----------------------------------------------------------------------------
+    async def _wait(self, timeout: float) -> None:
+        cond = self.gw.appended
+        assert cond is not None
+        async with cond:
+            try:
+                await asyncio.wait_for(cond.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def _over_bound(self) -> bool:
+        _n, nbytes, _a = self.archive.pending_stats()
+        return nbytes >= self.cfg.archive_max_pending_bytes
+
+    async def run(self) -> None:
+        buf: list[Point] = []
+        first_a: float | None = None
+        offset = self.cursor
+        applied = self.archive.applied_offset()
+        last_bins = 0.0
+        while not self._stop.is_set():
+            if self._over_bound():
+                self.gw.health.set("mirror_archive", "mirror archive holds the bound of unacknowledged batches; "
+                                   "the partner link is down or slow (the durable log keeps the rest)")
+                await self._wait(1.0)
+                continue
+            self.gw.health.set("mirror_archive", None)
+            recs = self.gw.log.read(offset, max_bytes=1024 * 1024)
+            for next_off, blob in recs:
+                if next_off > applied:
+                    rec = records.decode(blob)
+                    if first_a is None:
+                        first_a = float(rec.get("a", time.time()))
+                    self.transform(rec, buf)
+                offset = next_off
+                if len(buf) >= self.cfg.batch_max_points:
+                    break
+            now = time.time()
+            self.oldest_pending_at = first_a
+            age = now - first_a if first_a is not None else 0.0
+            bins_due = any(s[2] for s in self._bins.values()) and now - last_bins >= 1.0
+            if len(buf) >= self.cfg.batch_max_points or (first_a is not None and age >= self.cfg.batch_max_age_s) \
+                    or (not recs and (bins_due or offset != self.cursor)):
+                last_bins = now
+                agg_points, agg_rows = self._closed_bins(now)
+                await self._flush(buf + agg_points, first_a or now, offset, agg_rows)
+                applied = offset
+                buf, first_a = [], None
+                continue
+            if not recs:
+                await self._wait(min(1.0, max(0.02, self.cfg.batch_max_age_s - age)) if first_a else 1.0)
+
+    async def _flush(self, points: list[Point], first_a: float, offset: int,
+                     agg_rows: list[tuple[str, str, int, str, str, int]]) -> None:
+        for start in range(0, max(len(points), 1), self.cfg.batch_max_points):
+            chunk = points[start : start + self.cfg.batch_max_points]
+            await self._take_tokens(len(chunk))
+            last = start + self.cfg.batch_max_points >= len(points)
+            msg = None
+            batch_id = None
+            if chunk:
+                batch_id = self.archive.next_id()
+                msg, _manifest = encode_batch(self._manifest_base(batch_id, False), chunk)
+            self.archive.commit_batch(batch_id, msg, chunk, first_a, False,
+                                      offset if last else None, agg_rows if last else [])
+            if chunk:
+                self.batch_ready.set()
+        self.cursor = offset
+        self.gw.log.commit_cursor(self.name, offset)
+        self.gw._release()
+
+    async def _take_tokens(self, n: int) -> None:
+        """Rate cap of the policy: pace batches; nothing is dropped, the backlog waits in the log."""
+        rate = self.policy.max_points_per_s
+        while True:
+            now = time.monotonic()
+            self._tokens = min(max(rate, float(self.cfg.batch_max_points)), self._tokens + (now - self._tokens_at) * rate)
+            self._tokens_at = now
+            if self._tokens >= n or n == 0:
+                self._tokens -= n
+                return
+            await asyncio.sleep(min(1.0, (n - self._tokens) / rate))
+
+    def _manifest_base(self, batch_id: int, replay: bool) -> dict[str, Any]:
+        return {"origin": self.city, "dest": self.cfg.partner, "policy": self.policy.policy,
+                "policy_version": self.policy.version, "batch": self.archive.bid(batch_id),
+                "created": round(time.time(), 3), "replay": replay}
+
+    def replay_batch(self, points: list[Point]) -> int:
+        batch_id = self.archive.next_id()
+        msg, _ = encode_batch(self._manifest_base(batch_id, True), points)
+        self.archive.commit_batch(batch_id, msg, points, time.time(), True, None, [])
+        self.batch_ready.set()
+        return batch_id
+
+
+# -- sending side: link, acknowledgements, reconciliation -----------------------------------------
+
+class Sender:
+    def __init__(self, gw: "Gateway", cfg: MirrorConfig, policy: Policy, archive: Archive, metrics: MirrorMetrics,
+                 sink: MirrorSink, batch_ready: asyncio.Event) -> None:
+        self.gw, self.cfg, self.policy, self.archive, self.metrics, self.sink = gw, cfg, policy, archive, metrics, sink
+        self.batch_ready = batch_ready
+        self.city = gw.cfg.city
+        self.inflight: dict[int, float] = {}
+        self.link_gen = 0
+        self.round = 0
+        self.next_recon = time.monotonic() + min(5.0, cfg.reconcile_interval_s)
+        self.recon_sent_at: float | None = None
+        self.link: MqttLink | None = None
+
+    def _make_link(self) -> MqttLink:
+        pb = self.cfg.partner_broker
+        return MqttLink(
+            "partner", pb.host, pb.port, pb.client_id or f"twinedge-mirror-{self.city}-to-{self.cfg.partner}",
+            pb.username, pb.password.get_secret_value(), str(pb.tls_ca) if pb.tls_ca else None,
+            [topic(self.cfg.partner, self.city, "ack"), topic(self.cfg.partner, self.city, "recon_reply")],
+            asyncio.get_running_loop(), keepalive_s=pb.keepalive_s)
+
+    async def run(self) -> None:
+        link = self.link = self._make_link()
+        link.start()
+        try:
+            while True:
+                self._handle_incoming(link)
+                if link.connected:
+                    if link.generation != self.link_gen:
+                        self.link_gen = link.generation
+                        self.inflight.clear()  # new connection: resend whatever is unacknowledged now
+                    self._send(link)
+                    if time.monotonic() >= self.next_recon:
+                        self._reconcile(link)
+                self.gw.health.set("mirror_link", None if link.connected or time.time() - self.gw.health.started < 30
+                                   else link.last_error)
+                self._refresh_metrics(link)
+                self.batch_ready.clear()
+                link.wakeup.clear()
+                if link.queue:
+                    continue
+                waits = [asyncio.ensure_future(self.batch_ready.wait()), asyncio.ensure_future(link.wakeup.wait())]
+                await asyncio.wait(waits, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
+        finally:
+            link.stop()
+
+    def _send(self, link: MqttLink) -> None:
+        now = time.monotonic()
+        for b in self.archive.pending(self.cfg.max_inflight_batches):
+            sent = self.inflight.get(b.id)
+            if sent is not None and now - sent < self.cfg.ack_timeout_s:
+                continue
+            link.publish(topic(self.cfg.partner, self.city, "batch"), b.msg)
+            self.inflight[b.id] = now
+            if sent is None:
+                self.metrics.bytes.labels("out").inc(b.bytes)
+                self.metrics.batches.labels("out", "sent").inc()
+            else:
+                self.metrics.batches.labels("out", "resent").inc()
+
+    def _handle_incoming(self, link: MqttLink) -> None:
+        results: list[tuple[int, int, str | None]] = []
+        while link.queue:
+            msg = link.queue.popleft()
+            kind = msg.topic.rsplit("/", 1)[-1]
+            try:
+                doc = json.loads(zlib.decompress(msg.payload) if kind == "recon_reply" else msg.payload)
+            except (ValueError, zlib.error):
+                log.warning("unreadable message from partner", extra={"topic": msg.topic})
+                continue
+            if kind == "ack":
+                for bid, result, detail in doc.get("acks", []):
+                    i = Archive.parse_bid(str(bid), self.archive.epoch)
+                    if i is None:
+                        continue
+                    self.inflight.pop(i, None)
+                    if result == "ok":
+                        results.append((i, ACKED, None))
+                    elif result in ("hash", "format"):
+                        # Damaged on the way: it stays pending and goes out again.
+                        self.metrics.batches.labels("out", "damaged").inc()
+                    else:
+                        results.append((i, REJECTED, f"{result}: {detail}"))
+                        log.error("partner rejected a mirror batch", extra={"batch": bid, "reason": result, "detail": detail})
+                        self.gw.health.set("mirror_rejected", f"partner rejected batch {bid}: {result}: {detail}")
+            elif kind == "recon_reply":
+                self._on_recon_reply(doc)
+        if results:
+            acked = [r for r in results if r[1] == ACKED]
+            if acked:
+                ids = ",".join(str(r[0]) for r in acked)
+                n = self.archive.db.execute(f"SELECT coalesce(sum(points), 0) FROM batch WHERE state = 0 AND id IN ({ids})").fetchone()[0]
+                self.metrics.points.labels("out").inc(int(n))
+                self.metrics.batches.labels("out", "acked").inc(len(acked))
+            self.metrics.batches.labels("out", "rejected").inc(len(results) - len(acked))
+            self.archive.mark(results)
+
+    def _refresh_metrics(self, link: MqttLink) -> None:
+        n, nbytes, first_a = self.archive.pending_stats()
+        self.metrics.pending.set(n)
+        self.metrics.pending_bytes.set(nbytes)
+        oldest = [a for a in (first_a, self.sink.oldest_pending_at) if a is not None]
+        self.metrics.lag.set(max(0.0, time.time() - min(oldest)) if oldest else 0.0)
+        self.metrics.link_up.labels("partner").set(1 if link.connected else 0)
+
+    # -- reconciliation ---------------------------------------------------------------------
+    def _reconcile(self, link: MqttLink) -> None:
+        self.next_recon = time.monotonic() + self.cfg.reconcile_interval_s
+        now = time.time()
+        self.archive.refresh_digests(now - self.cfg.reconcile_settle_s)
+        cutoff = int(now - self.cfg.retention_h * 3600)
+        self.archive.prune(cutoff - cutoff % 3600)
+        since = int(now - self.cfg.reconcile_window_h * 3600)
+        busy = self.archive.key_has_pending()
+        keys = [[k.m, k.node, k.hour, k.count, k.hash, not k.matched] for k in self.archive.keys(since - since % 3600)
+                if not k.dirty and (k.m, k.node, k.hour) not in busy]
+        self.round += 1
+        payload = zlib.compress(json.dumps({"round": self.round, "origin": self.city, "keys": keys}).encode())
+        link.publish(topic(self.cfg.partner, self.city, "recon"), payload)
+        self.recon_sent_at = now
+
+    def _on_recon_reply(self, doc: dict[str, Any]) -> None:
+        ours = {(k.m, k.node, k.hour): k for k in self.archive.keys(0)}
+        busy = self.archive.key_has_pending()
+        rows: list[tuple[str, str, int, int, str | None, bool, int | None]] = []
+        sent = held = 0
+        replays: list[tuple[str, str, int]] = []
+        for m, node, hour, pcount, phash in doc.get("keys", []):
+            k = ours.get((m, node, hour))
+            if k is None or k.dirty or (m, node, hour) in busy:
+                continue  # changed since the request: compared next round
+            ok = pcount == k.count and (phash == k.hash if phash is not None else k.matched)
+            sent += k.count
+            held += k.count if ok else (min(pcount, k.count) if pcount < k.count else max(k.count - 1, 0))
+            rb = None
+            if not ok and pcount <= k.count:
+                replays.append((m, node, hour))
+            elif not ok:
+                log.warning("partner holds more points than we sent; not replayable",
+                            extra={"m": m, "node": node, "hour": hour, "partner": pcount, "ours": k.count})
+            rows.append((m, node, hour, int(pcount), phash, ok, rb))
+        replay_ids: dict[tuple[str, str, int], int] = {}
+        cache: dict[int, list[Point]] = {}
+        for m, node, hour in replays:
+            pts = list(self.archive.key_points(m, node, hour, cache).values())
+            if pts:
+                replay_ids[(m, node, hour)] = self.sink.replay_batch(pts)
+                self.metrics.replayed.inc(len(pts))
+                log.warning("reconciliation found a gap; replaying", extra={"m": m, "node": node, "hour": hour,
+                                                                            "points": len(pts)})
+        rows = [(m, node, hour, pc, ph, ok, replay_ids.get((m, node, hour))) for m, node, hour, pc, ph, ok, _ in rows]
+        self.archive.record_partner(rows)
+        self.metrics.recon_rounds.inc()
+        if sent:
+            ratio = held / sent
+            self.metrics.completeness.set(ratio)
+            self.metrics.compared_points.set(sent)
+            self._write_completeness(ratio)
+
+    def _write_completeness(self, ratio: float) -> None:
+        # Until Gateway._stats_records carries it, add mirror_completeness to our own `gateway` series.
+        rec = {"a": time.time(), "m": "gateway", "tags": {"city": self.city, "instance": self.gw.cfg.instance},
+               "rows": [[int(time.time()), {"mirror_completeness": float(ratio)}, None, 0]]}
+        if self.gw.log.has_room(64 * 1024):
+            self.gw.log.append([records.encode(rec)])
+
+
+# -- receiving side ---------------------------------------------------------------------------
+
+class Receiver:
+    """Validates the partner's batches, writes them to our partner database, acknowledges per batch."""
+
+    def __init__(self, gw: "Gateway", cfg: MirrorConfig, policy: Policy, metrics: MirrorMetrics) -> None:
+        self.gw, self.cfg, self.policy, self.metrics = gw, cfg, policy, metrics
+        self.city = gw.cfg.city
+        upd: dict[str, Any] = {"database": cfg.inbound.database, "bucket": cfg.inbound.bucket or cfg.inbound.database,
+                               "batch_points": min(cfg.inbound.write_batch_points, 100_000)}
+        self.influx: InfluxConfig = gw.cfg.influx.model_copy(update=upd)
+        self.seen: OrderedDict[str, None] = OrderedDict()
+
+    def _make_link(self) -> MqttLink:
+        ib, mq = self.cfg.inbound, self.gw.cfg.mqtt
+        tls = ib.tls_ca or (mq.tls_ca if not ib.host else None)
+        return MqttLink(
+            "inbound", ib.host or mq.host, ib.port or mq.port, f"twinedge-mirror-rx-{self.city}-{self.gw.cfg.instance}",
+            ib.username or (mq.username if not ib.host else ""),
+            (ib.password.get_secret_value() or (mq.password.get_secret_value() if not ib.host else "")),
+            str(tls) if tls else None,
+            [f"{TOPIC_ROOT}/{self.city}/+/batch", f"{TOPIC_ROOT}/{self.city}/+/recon"],
+            asyncio.get_running_loop(), manual_ack=True, receive_maximum=64)
+
+    async def run(self) -> None:
+        link = self._make_link()
+        link.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                writer = InfluxWriter(self.influx, session)
+                await self._retry(writer.ensure_database)
+                while True:
+                    self.metrics.link_up.labels("inbound").set(1 if link.connected else 0)
+                    if not link.queue:
+                        link.wakeup.clear()
+                        try:
+                            await asyncio.wait_for(link.wakeup.wait(), 1.0)
+                        except asyncio.TimeoutError:
+                            pass
+                        continue
+                    msgs = []
+                    while link.queue and len(msgs) < 64:
+                        msgs.append(link.queue.popleft())
+                    await self._handle(link, writer, session, msgs)
+        finally:
+            link.stop()
+
+    async def _retry(self, fn: Any) -> None:
+        attempt = 0
+        while True:
+            try:
+                await fn()
+                self.gw.health.set("mirror_inbound", None)
+                return
+            except Retryable as e:
+                attempt += 1
+                if attempt > 3:
+                    self.gw.health.set("mirror_inbound", f"writing partner data to InfluxDB failing: {e}")
+                await asyncio.sleep(min(self.influx.max_backoff_s, 0.2 * 2 ** min(attempt, 8)) * random.uniform(0.5, 1.5))
+
+    async def _handle(self, link: MqttLink, writer: InfluxWriter, session: aiohttp.ClientSession,
+                      msgs: list[LinkMessage]) -> None:
+        lines: list[str] = []
+        acks: dict[str, list[list[Any]]] = {}
+        dead: list[DeadLetter] = []
+        accepted = 0
+        nbytes = 0
+        for msg in msgs:
+            parts = msg.topic.split("/")
+            origin, kind = parts[2], parts[3]
+            if kind == "recon":
+                await self._recon(link, session, msg, origin)
+                continue
+            try:
+                manifest, pts = self.validate(origin, msg.payload)
+            except WireError as e:
+                dead.append(DeadLetter("mirror", e.reason, e.detail, msg.topic, None, msg.payload))
+                self.metrics.batches.labels("in", "rejected").inc()
+                bid = _peek_bid(msg.payload)
+                if bid is not None and origin == self.cfg.partner:
+                    acks.setdefault(origin, []).append([bid, e.reason, e.detail[:200]])
+                log.warning("mirror batch rejected", extra={"origin": origin, "reason": e.reason, "detail": e.detail})
+                continue
+            bid = str(manifest["batch"])
+            acks.setdefault(origin, []).append([bid, "ok", ""])
+            if bid in self.seen:
+                self.metrics.batches.labels("in", "duplicate").inc()
+                continue
+            self.seen[bid] = None
+            while len(self.seen) > 100_000:
+                self.seen.popitem(last=False)
+            lines.extend(_lines(pts, origin))
+            accepted += len(pts)
+            nbytes += len(msg.payload)
+        if dead:
+            self.gw.dead.add_many(dead)
+            for d in dead:
+                self.gw.metrics.dead_letters.labels(d.stage, d.reason).inc()
+        for start in range(0, len(lines), self.influx.batch_points):
+            chunk = lines[start : start + self.influx.batch_points]
+
+            async def write(chunk: list[str] = chunk) -> None:
+                rejected = await writer.write(chunk)
+                if rejected:
+                    self.gw.dead.add_many([DeadLetter("mirror", "influx_rejected", r.detail, "influx-partner", item={"line": r.line})
+                                           for r in rejected])
+
+            await self._retry(write)
+        # InfluxDB has it: now acknowledge to the partner (app level) and to our broker (PUBACK).
+        for origin, items in acks.items():
+            link.publish(topic(self.city, origin, "ack"), json.dumps({"acks": items}).encode())
+        self.metrics.points.labels("in").inc(accepted)
+        self.metrics.bytes.labels("in").inc(nbytes)
+        self.metrics.batches.labels("in", "written").inc(sum(1 for items in acks.values() for i in items if i[1] == "ok"))
+        link.ack(msgs)
+
+    def validate(self, origin: str, payload: bytes) -> tuple[dict[str, Any], list[Point]]:
+        if origin == self.city:
+            raise WireError("loop", f"batch claims our own city {origin!r} as origin: never accepted (no loops)")
+        if origin != self.cfg.partner:
+            raise WireError("unknown_partner", f"{origin!r} is not our partner ({self.cfg.partner})")
+        manifest, body = split_batch(payload)
+        if manifest.get("origin") != origin or manifest.get("dest") != self.city:
+            raise WireError("unknown_partner", f"manifest says {manifest.get('origin')!r} -> {manifest.get('dest')!r}, "
+                                               f"topic says {origin!r} -> {self.city!r}")
+        if manifest.get("policy") != self.policy.policy or manifest.get("policy_version") != self.policy.version:
+            raise WireError("policy_version", f"batch made under policy {manifest.get('policy')} "
+                                              f"v{manifest.get('policy_version')}, ours is {self.policy.policy} "
+                                              f"v{self.policy.version}: both cities must deploy the same policy file")
+        if not isinstance(manifest.get("batch"), str):
+            raise WireError("format", "manifest has no batch id")
+        pts = decode_body(body)
+        check_manifest(manifest, pts)
+        for p in pts:
+            self._check_point(p, origin)
+        return manifest, pts
+
+    def _check_point(self, p: Point, origin: str) -> None:
+        rule = self.policy.rule(p.m)
+        if rule is None:
+            raise WireError("policy", f"measurement {p.m!r} is not shared by the policy")
+        extra = set(p.tags) - set(POINT_TAGS)
+        if extra:
+            raise WireError("policy", f"{p.m}: tag(s) {', '.join(sorted(extra))} are not allowed")
+        if p.tags.get("city") != origin:
+            raise WireError("loop", f"{p.m}: point of city {p.tags.get('city')!r} in a batch from {origin!r}")
+        if p.tags.get("domain") and p.tags["domain"] not in rule.domains:
+            raise WireError("policy", f"{p.m}: domain {p.tags['domain']!r} is not shared")
+        if not rule.node_ok(p.node):
+            raise WireError("policy", f"{p.m}: node {p.node!r} is not shared by the policy")
+        allowed = rule.out_fields()
+        for k, v in p.fields.items():
+            fr = allowed.get(k)
+            if fr is None:
+                raise WireError("policy", f"{p.m}: field {k!r} is not shared by the policy")
+            if not fr.holds(v):
+                raise WireError("policy", f"{p.m}: field {k}={v!r} is finer than the policy allows")
+        if rule.aggregate_minutes and p.t % (rule.aggregate_minutes * 60):
+            raise WireError("policy", f"{p.m}: point at {p.t} is not on a {rule.aggregate_minutes}-minute bin")
+        if isinstance(rule.site, int) and p.tags.get("site", "").count("-") >= rule.site:
+            raise WireError("policy", f"{p.m}: site {p.tags.get('site')!r} is finer than the policy allows")
+        if rule.site == "drop" and "site" in p.tags:
+            raise WireError("policy", f"{p.m}: site must not be shared")
+
+    # -- reconciliation (answer the partner's request from our InfluxDB) ---------------------
+    async def _recon(self, link: MqttLink, session: aiohttp.ClientSession, msg: LinkMessage, origin: str) -> None:
+        try:
+            if origin != self.cfg.partner:
+                raise WireError("unknown_partner", f"reconciliation request from {origin!r}, not our partner")
+            doc = json.loads(zlib.decompress(msg.payload))
+            keys = doc["keys"]
+            reply = await self._answer(session, origin, keys)
+        except WireError as e:
+            self.gw.dead.add_many([DeadLetter("mirror", e.reason, e.detail, msg.topic, None, msg.payload)])
+            self.gw.metrics.dead_letters.labels("mirror", e.reason).inc()
+            link.ack([msg])
+            return
+        except (ValueError, KeyError, TypeError, zlib.error) as e:
+            self.gw.dead.add_many([DeadLetter("mirror", "format", f"reconciliation request unreadable: {e}",
+                                              msg.topic, None, msg.payload)])
+            link.ack([msg])
+            return
+        except Retryable as e:
+            log.warning("reconciliation query failed; the partner asks again next round", extra={"detail": str(e)})
+            link.ack([msg])
+            return
+        link.publish(topic(self.city, origin, "recon_reply"),
+                     zlib.compress(json.dumps({"round": doc.get("round"), "keys": reply}).encode()))
+        self.metrics.recon_rounds.inc()
+        link.ack([msg])
+
+    async def _query(self, session: aiohttp.ClientSession, q: str) -> dict[str, Any]:
+        cfg = self.influx
+        params = {"q": q, "db": cfg.database, "epoch": "s"}
+        if cfg.username:
+            params.update(u=cfg.username, p=cfg.password.get_secret_value())
+        headers = {}
+        if cfg.token.get_secret_value():
+            headers["Authorization"] = f"Token {cfg.token.get_secret_value()}"
+        try:
+            async with session.get(f"{cfg.url}/query", params=params, headers=headers,
+                                   timeout=aiohttp.ClientTimeout(total=cfg.timeout_s * 3)) as r:
+                if r.status >= 300:
+                    raise Retryable(f"http_{r.status}", f"InfluxDB query answered {r.status}")
+                return await r.json()  # type: ignore[no-any-return]
+        except asyncio.TimeoutError:
+            raise Retryable("timeout", "InfluxDB query timed out") from None
+        except aiohttp.ClientError as e:
+            raise Retryable("connection", f"{type(e).__name__}: {e}") from None
+
+    async def _answer(self, session: aiohttp.ClientSession, origin: str, keys: list[list[Any]]) -> list[list[Any]]:
+        by_m: dict[str, list[list[Any]]] = {}
+        for k in keys:
+            by_m.setdefault(str(k[0]), []).append(k)
+        out: list[list[Any]] = []
+        for m, ks in by_m.items():
+            if self.policy.rule(m) is None or not all(NAME_RE.match(str(k[1])) for k in ks):
+                raise WireError("policy", f"reconciliation asks for {m!r} or a bad node name")
+            lo = min(int(k[2]) for k in ks)
+            hi = max(int(k[2]) for k in ks) + 3600
+            res = await self._query(session, f'SELECT count(*) FROM "{m}" WHERE "origin" = \'{origin}\' '
+                                             f'AND time >= {lo}s AND time < {hi}s GROUP BY "node", time(1h)')
+            counts: dict[tuple[str, int], int] = {}
+            for s in res.get("results", [{}])[0].get("series", []) or []:
+                node = s["tags"]["node"]
+                for row in s["values"]:
+                    n = max((int(v) for v in row[1:] if v is not None), default=0)
+                    counts[(node, int(row[0]))] = n
+            for _m, node, hour, count, _hash, verify in ks:
+                pc = counts.get((node, int(hour)), 0)
+                h: str | None = None
+                if verify or pc != count:
+                    pc, h = await self._key_digest(session, m, origin, node, int(hour))
+                out.append([m, node, int(hour), pc, h])
+        return out
+
+    async def _key_digest(self, session: aiohttp.ClientSession, m: str, origin: str, node: str, hour: int) -> tuple[int, str]:
+        res = await self._query(session, f'SELECT * FROM "{m}" WHERE "origin" = \'{origin}\' AND "node" = \'{node}\' '
+                                         f'AND time >= {hour}s AND time < {hour + 3600}s')
+        pts: dict[int, int] = {}
+        for s in res.get("results", [{}])[0].get("series", []) or []:
+            cols = s["columns"]
+            for row in s["values"]:
+                fields = {c: v for c, v in zip(cols, row) if c != "time" and c not in INFLUX_TAGS and v is not None}
+                pts[int(row[0])] = point_hash(m, node, int(row[0]), fields)
+        return digest(pts)
+
+
+def _peek_bid(payload: bytes) -> str | None:
+    try:
+        manifest, _ = split_batch(payload)
+    except WireError:
+        try:
+            n = int.from_bytes(payload[4:8], "little")
+            manifest = json.loads(payload[8 : 8 + n])
+        except ValueError:
+            return None
+    bid = manifest.get("batch") if isinstance(manifest, dict) else None
+    return bid if isinstance(bid, str) else None
+
+
+def _lines(points: list[Point], origin: str) -> list[str]:
+    series: dict[tuple[str, tuple[tuple[str, str], ...]], list[list[Any]]] = {}
+    for p in points:
+        series.setdefault((p.m, tuple(sorted(p.tags.items()))), []).append([p.t, p.fields, None, 0])
+    out: list[str] = []
+    for (m, tags), rows in series.items():
+        out.extend(records.to_lines({"m": m, "tags": dict(tags), "rows": rows}, extra_tags={"origin": origin}))
+    return out
+
+
+# -- wiring -------------------------------------------------------------------------------------
+
+def build_mirror_stages(gw: "Gateway") -> tuple[list["Sink"], list[Awaitable[None]]]:
+    """Called by Gateway.run() when [mirror] is configured."""
+    assert gw.cfg.mirror is not None
+    cfg = validate_mirror_config(gw.cfg.mirror, gw.cfg.city)
+    policy = load_policy(cfg.policy)
+    metrics = MirrorMetrics(gw)
+    archive = Archive(gw.cfg.data_dir / "mirror" / f"archive-{cfg.partner}.sqlite3")
+    ready = asyncio.Event()
+    sink = MirrorSink(gw, cfg, policy, archive, metrics, ready)
+    sender = Sender(gw, cfg, policy, archive, metrics, sink, ready)
+    stages: list[Awaitable[None]] = [sender.run()]
+    if cfg.inbound.enabled:
+        stages.append(Receiver(gw, cfg, policy, metrics).run())
+    log.info("mirror configured", extra={"partner": cfg.partner, "policy": policy.policy, "policy_version": policy.version,
+                                         "partner_broker": f"{cfg.partner_broker.host}:{cfg.partner_broker.port}",
+                                         "inbound_database": cfg.inbound.database})
+    return [sink], stages
