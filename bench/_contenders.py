@@ -61,7 +61,7 @@ def main() -> None:
             flush()
             done.set()
 
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{kind}-{city}", protocol=mqtt.MQTTv5)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{kind}-{city}", protocol=mqtt.MQTTv311)
     c.on_message = on_message
     subscribed = threading.Event()
     c.on_subscribe = lambda *a: subscribed.set()

@@ -59,6 +59,8 @@ class Proxy:
             except OSError:
                 c.close()
                 continue
+            for s in (c, u):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._pump, args=(c, u), daemon=True).start()
 
     def _pump(self, c: socket.socket, u: socket.socket) -> None:
@@ -121,6 +123,8 @@ def wire_figures(proxy: Proxy, topic: str) -> dict:
     full = [(p, pl) for p, pl in ups if pl[11 + pl[2]] == 10]
     now = int(time.time())
     n_read = sum(pl[11 + pl[2]] for _, pl in full)
+    if not n_read:
+        raise SystemExit(f"bench: no full batch seen on the wire ({len(ups)} up messages)")
     wire = sum(len(p) for p, _ in full) + 4 * len(full)  # + PUBACK per batch
     payload = sum(len(pl) for _, pl in full)
     json_pkt = json_pl = senml_pkt = senml_pl = 0
@@ -202,6 +206,8 @@ def main() -> None:
               f"-X heapsize=96K, .mpy build")
         print(f"  MemoryError: {'YES' if 'MemoryError' in con else 'no'}; interpreter exits: "
               f"{con.count('[runner] interpreter exited')} (the last one is our SIGTERM)")
+        if "MemoryError" in con:
+            print("  " + "\n  ".join(ln for ln in con.splitlines() if not ln.startswith("TE "))[-1500:])
         warm = heap[len(heap) // 10 :]
         if len(warm) > 2:
             xs = list(range(len(warm)))
@@ -221,7 +227,7 @@ def main() -> None:
         # ---- 4+5+6: outage jitter, reconnect time, silent link loss --------------------
         ka = 10
         node = NodeProcess("buoy-02", "copenhagen", "marine", "127.0.0.1", proxy.port, tmp / "n2",
-                           scenario={"values": VALUES}, speed=60, mpy_dir=build, heapsize="96K", trace=True)
+                           scenario={"values": VALUES}, speed=60, mpy_dir=build, trace=True)
         (tmp / "n2" / "cfg.json").write_text(json.dumps({"v": 1, "batch": 1, "keepalive_s": ka, "interval_s": 6}))
         node.start()
 
@@ -246,7 +252,11 @@ def main() -> None:
         downs0 = sum(1 for t in node.traces() if t["ev"] == "down")
         proxy.blackhole = True
         t_bh = time.monotonic()
-        wait(lambda: sum(1 for t in node.traces() if t["ev"] == "down") > downs0, ka * 3, "link loss detection")
+        try:
+            wait(lambda: sum(1 for t in node.traces() if t["ev"] == "down") > downs0, ka * 3, "link loss detection")
+        except SystemExit:
+            print(node.console()[-2000:])
+            raise
         det = time.monotonic() - t_bh
         proxy.blackhole = False
         print(f"silent link loss (black-holed proxy) detected after {det:.1f} s = {det / ka:.2f} x keepalive ({ka} s)")
