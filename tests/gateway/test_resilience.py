@@ -109,10 +109,12 @@ def test_broker_restart_mid_load_loses_nothing(mosquitto: Mosquitto, influxd: In
     assert gw.stop() == 0
 
 
+@pytest.mark.parametrize("protocol", [4, 5])
 def test_two_instances_on_a_shared_subscription_split_the_load(mosquitto: Mosquitto, influxd: Influxd,
-                                                                start_gateway) -> None:
-    a = start_gateway(instance="gw-a", mqtt={"share_group": "gw", "subscribe_status": False})
-    b = start_gateway(instance="gw-b", mqtt={"share_group": "gw", "subscribe_status": False})
+                                                                start_gateway, protocol: int) -> None:
+    mq = {"share_group": "gw", "subscribe_status": False, "protocol": protocol}
+    a = start_gateway(instance="gw-a", mqtt=mq)
+    b = start_gateway(instance="gw-b", mqtt=mq)
     pub = Publisher(mosquitto.port)
     nodes = _nodes(20)
     t0 = int(time.time()) - 3600
@@ -128,9 +130,7 @@ def test_two_instances_on_a_shared_subscription_split_the_load(mosquitto: Mosqui
     assert a.stop() == 0 and b.stop() == 0
 
 
-@pytest.mark.parametrize("api", ["v1"])
-def test_log_full_stops_acknowledging_and_recovers(mosquitto: Mosquitto, influxd: Influxd, start_gateway,
-                                                   api: str) -> None:
+def test_log_full_stops_acknowledging_and_recovers(mosquitto: Mosquitto, influxd: Influxd, start_gateway) -> None:
     # A tiny log bound and InfluxDB down: the gateway must stop acking (broker keeps the backlog), say so in
     # /healthz and the alarm metric, and land everything once InfluxDB is back.
     influxd.stop()
