@@ -26,6 +26,7 @@ class ServiceError(RuntimeError):
 APT_HINT = {
     "mosquitto": "sudo apt-get install -y mosquitto",
     "influxd": "sudo apt-get install -y influxdb",
+    "victoria-metrics": "sudo apt-get install -y victoria-metrics",
 }
 
 
@@ -236,3 +237,44 @@ def _stop(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=5)
+
+
+@dataclass
+class VictoriaMetrics:
+    """A VictoriaMetrics single node (Debian `victoria-metrics`): a real server for the /api/v2/write path."""
+
+    workdir: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> "VictoriaMetrics":
+        binary = find_binary("victoria-metrics")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.port:
+            self.port = free_port()
+        log = open(self.workdir / "victoria-metrics.log", "ab")
+        self.proc = subprocess.Popen(
+            [binary, f"-httpListenAddr=127.0.0.1:{self.port}", f"-storageDataPath={self.workdir}/data",
+             "-search.latencyOffset=0s"],
+            stdout=log, stderr=log, start_new_session=True,
+        )
+        log.close()
+        wait_port(self.port, timeout, self.proc, "victoria-metrics")
+        return self
+
+    def export(self, match: str) -> list[dict]:
+        """Series matching a selector, e.g. '{__name__="marine_ph"}' (flushes first, so recent writes show)."""
+        import json
+
+        urllib.request.urlopen(self.url + "/internal/force_flush", timeout=10).read()
+        data = urllib.parse.urlencode({"match[]": match}).encode()
+        with urllib.request.urlopen(urllib.request.Request(self.url + "/api/v1/export", data=data), timeout=30) as r:
+            return [json.loads(line) for line in r.read().decode().splitlines() if line.strip()]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        _stop(self.proc, sig)
+        self.proc = None

@@ -146,3 +146,30 @@ def test_point_influxdb_refuses_is_dead_lettered_and_the_rest_written(mosquitto:
     assert "unsynced=true" in items[0]["item"]["line"] and f" {now - 47}" in items[0]["item"]["line"]
     assert "conflict" in items[0]["detail"]
     assert gw.stop() == 0
+
+
+def test_v2_write_api_with_token_to_a_real_v2_server(mosquitto: Mosquitto, start_gateway,
+                                                      tmp_path) -> None:
+    from twinedge.services import VictoriaMetrics
+
+    vm = VictoriaMetrics(tmp_path / "vm").start()
+    try:
+        gw = start_gateway(influx={"url": vm.url, "api": "v2", "org": "city", "bucket": "twinedge", "token": "t0ken"},
+                           stats_interval_s=3600.0)
+        assert gw is not None
+        pub = Publisher(mosquitto.port)
+        now = int(time.time())
+        n = Node("copenhagen", "mobility", "count-02")
+        pub.publish(n.topic, n.batch(6, now - 60))
+        pub.wait_all()
+
+        def exported() -> list[dict]:
+            return vm.export('{__name__="mobility_vehicles"}')
+
+        wait_until(lambda: sum(len(s["values"]) for s in exported()) == 6, 20, "6 points in VictoriaMetrics")
+        series = exported()[0]
+        assert series["metric"]["node"] == "count-02" and series["metric"]["city"] == "copenhagen"
+        assert series["values"] == [1, 2, 3, 4, 5, 6]
+        assert series["timestamps"][0] == (now - 60) * 1000
+    finally:
+        vm.stop()
