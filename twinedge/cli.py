@@ -14,6 +14,7 @@ import typer
 def build_app() -> typer.Typer:
     from dashboards.cli import app as dashboards_app
     from gateway.cli import app as gateway_app
+    from gateway.mirror_cli import app as mirror_app
     from provisioning.cli import broker_app, node_app
 
     app = typer.Typer(
@@ -26,6 +27,7 @@ def build_app() -> typer.Typer:
     app.add_typer(dashboards_app, name="dashboards")
     app.add_typer(node_app, name="node")
     app.add_typer(broker_app, name="broker")
+    app.add_typer(mirror_app, name="mirror")
     return app
 
 

@@ -198,3 +198,39 @@ def test_partner_gateway_outage_ends_complete(stack: TwinStack, influxd: Influxd
 @pytest.mark.skipif(OUTAGE_S < 600, reason="set TWINEDGE_MIRROR_OUTAGE_S=600 for the full 10-minute outage")
 def test_partner_outage_10_minutes(stack: TwinStack, influxd: Influxd) -> None:
     _outage(stack, influxd, "broker", OUTAGE_S)
+
+
+def test_aggregated_policy_sends_bins_only(tmp_path: Path, influxd: Influxd) -> None:
+    """Smart Mobility Twins: 15-minute bins with count/mean/max; per-interval counts never leave."""
+    from tests.mirror.stack import REPO
+
+    st = TwinStack(tmp_path, influxd, policy=REPO / "docs" / "policies" / "smart-mobility-twins.toml",
+                   cities=("helsinki", "amsterdam")).start_brokers()
+    try:
+        tap = RawTap(st.sides["amsterdam"].broker.port)
+        st.start_gateway("helsinki")
+        st.start_gateway("amsterdam")
+        node = Node("helsinki", "mobility", "counter-07")
+        pub = Publisher(st.sides["helsinki"].broker.port, "agg-pub")
+        t0 = _hour_start(2)
+        _publish(pub, [node], 12, t0, per=10)  # readings every second for 120 s: one 15-minute bin
+        _publish(pub, [node], 6, t0 + 1800, per=10)  # 60 more in the bin at +30 min
+        own = query_points
+        wait_until(lambda: len(own(influxd, partner_db("amsterdam"), "SELECT * FROM mobility")) == 2, 60, "two bins")
+        bins = own(influxd, partner_db("amsterdam"), "SELECT * FROM mobility")
+        raw = own(influxd, own_db("helsinki"), "SELECT * FROM mobility")
+        assert [b["time"] for b in bins] == [t0, t0 + 1800]
+        first = [r for r in raw if r["time"] < t0 + 900]
+        assert bins[0]["vehicles_count"] == len(first) == 120
+        assert bins[0]["vehicles_max"] == max(r["vehicles"] for r in first)
+        assert bins[0]["vehicles_mean"] == pytest.approx(sum(r["vehicles"] for r in first) / 120)
+        assert bins[0]["speed_mean_kmh_mean"] == round(sum(r["speed_mean_kmh"] for r in first) / 120)
+        keys = field_keys(influxd, partner_db("amsterdam"), "mobility")
+        assert "vehicles_mean" in keys and not {"vehicles", "pedestrians_count", "battery_v_mean", "pedestrians"} & keys
+        for _t, _m, points, body in tap.batches():
+            assert b"pedestrians" not in body and all(p.t % 900 == 0 for p in points)
+        wait_until(lambda: st.gw("helsinki").metrics().get("twinedge_mirror_completeness") == 1.0, 60, "reconciled bins")
+        tap.close()
+        pub.close()
+    finally:
+        st.stop()

@@ -1,0 +1,141 @@
+"""Fast checks without services: wire format, policy and config validation, the CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import tomli_w
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from gateway.config import ConfigError
+from gateway.mirror import validate_mirror_config
+from gateway.mirror_archive import Archive
+from gateway.mirror_policy import PolicyError, load_policy, parse_policy
+from gateway.mirror_wire import (Point, WireError, check_manifest, decode_body, digest, encode_batch, point_hash,
+                                 seq_ranges, split_batch)
+from twinedge.cli import build_app
+
+POLICIES = Path(__file__).resolve().parents[2] / "docs" / "policies"
+BLUE = POLICIES / "blue-city-twins.toml"
+
+values = st.one_of(st.none(), st.integers(-(2**40), 2**40), st.floats(allow_nan=False, allow_infinity=False, width=32),
+                   st.booleans())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["n-1", "n-2"]), st.integers(0, 2**31), st.integers(1, 2**31),
+                          st.dictionaries(st.sampled_from(["ph", "a", "b"]), values, min_size=1)), max_size=40))
+def test_batch_round_trip_keeps_every_point(rows: list[tuple[str, int, int, dict[str, object]]]) -> None:
+    pts = [Point("marine", {"city": "c", "node": n}, t, {k: v for k, v in f.items()}, s) for n, t, s, f in rows]
+    msg, manifest = encode_batch({"origin": "c", "batch": "e-1"}, pts)
+    m2, body = split_batch(msg)
+    assert m2 == manifest
+    back = decode_body(body)
+    check_manifest(manifest, back)
+    want = sorted((p.node, p.t, p.seq, sorted((k, v) for k, v in p.fields.items() if v is not None)) for p in pts)
+    got = sorted((p.node, p.t, p.seq, sorted(p.fields.items())) for p in back)
+    assert got == want
+
+
+def test_broken_hash_and_forged_manifest_are_detected() -> None:
+    pts = [Point("marine", {"city": "c", "node": "n-1"}, 100 + i, {"ph": 7.0 + i / 100}, i + 1) for i in range(50)]
+    msg, manifest = encode_batch({"origin": "c", "batch": "e-1"}, pts)
+    with pytest.raises(WireError) as e:
+        split_batch(msg[:-1] + bytes([msg[-1] ^ 1]))
+    assert e.value.reason == "hash"
+    with pytest.raises(WireError) as e:
+        check_manifest({**manifest, "points": 49}, decode_body(split_batch(msg)[1]))
+    assert e.value.reason == "manifest"
+    with pytest.raises(WireError) as e:
+        split_batch(b"XXXX" + msg[4:])
+    assert e.value.reason == "format"
+    assert manifest["entries"] == [{"m": "marine", "node": "n-1", "n": 50, "seq": [[1, 50]], "t": [100, 149]}]
+
+
+def test_seq_ranges_and_digest_are_order_independent() -> None:
+    assert seq_ranges([5, 1, 2, 3, 7, 8]) == [[1, 3], [5, 5], [7, 8]]
+    a = {t: point_hash("marine", "n", t, {"ph": 7.0, "x": 3}) for t in range(10)}
+    b = {t: point_hash("marine", "n", t, {"x": 3.0, "ph": 7}) for t in reversed(range(10))}
+    assert digest(a) == digest(b)
+    b[3] = point_hash("marine", "n", 3, {"ph": 7.01, "x": 3})
+    assert digest(a) != digest(b)
+
+
+def test_example_policies_are_valid_and_transform_as_documented() -> None:
+    blue = load_policy(BLUE)
+    assert blue.forbidden()["marine"] == ["conductivity_uscm", "battery_v"]
+    rule = blue.rule("marine")
+    assert rule is not None and rule.fields["water_temp_c"].apply(15.37) == 15.4
+    assert rule.site_value("harbour-north-3") == "harbour"
+    assert not rule.node_ok("test-01") and rule.node_ok("buoy-01")
+    mob = load_policy(POLICIES / "smart-mobility-twins.toml")
+    r = mob.rule("mobility")
+    assert r is not None and "vehicles_mean" in r.out_fields() and "pedestrians_mean" not in r.out_fields()
+    assert mob.partner_of("helsinki") == "amsterdam"
+
+
+def test_bad_policy_gives_one_line_per_problem() -> None:
+    with pytest.raises(PolicyError) as e:
+        parse_policy({"policy": "X", "version": 0, "cities": ["a"], "share": [
+            {"measurement": "marine", "fields": {"ph": {}, "nitrate": {}}}]})
+    text = "\n".join(e.value.problems)
+    assert "policy:" in text and "version" in text and "cities" in text and "nitrate" in text
+    assert all("\n" not in p for p in e.value.problems)
+
+
+def test_mirror_config_validation(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        validate_mirror_config({"partner": "Tongyeong", "policy": str(BLUE), "partner_broker": {"host": "h"}, "bogus": 1})
+    text = "\n".join(e.value.problems)
+    assert "mirror.bogus" in text and "tls_ca is required" in text
+    with pytest.raises(ConfigError) as e:
+        validate_mirror_config({"partner": "amsterdam", "policy": str(BLUE),
+                                "partner_broker": {"host": "h", "insecure": True}}, city="copenhagen")
+    assert "partners copenhagen with tongyeong" in e.value.problems[0]
+    cfg = validate_mirror_config({"partner": "tongyeong", "policy": str(BLUE),
+                                  "partner_broker": {"host": "h", "tls_ca": str(tmp_path / "ca.crt")}}, city="copenhagen")
+    assert cfg.inbound.database == "twinedge_partner" and cfg.partner_broker.port == 8883
+
+
+def test_cli_policy_show_check_and_status(tmp_path: Path) -> None:
+    runner = CliRunner()
+    app = build_app()
+    r = runner.invoke(app, ["mirror", "policy", "show", str(BLUE)])
+    assert r.exit_code == 0 and "never leaves the city" in r.output and "battery_v" in r.output
+    r = runner.invoke(app, ["mirror", "policy", "check", str(BLUE), "--city", "copenhagen", "--against", str(BLUE)])
+    assert r.exit_code == 0 and "ok" in r.output
+    other = tmp_path / "theirs.toml"
+    other.write_text(BLUE.read_text().replace("version = 1", "version = 2"))
+    r = runner.invoke(app, ["mirror", "policy", "check", str(BLUE), "--against", str(other)])
+    assert r.exit_code == 2 and "must deploy the same file" in r.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text("policy = 'x'\nversion = 1\n")
+    r = runner.invoke(app, ["mirror", "policy", "check", str(bad)])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+
+    # status reads the archive the gateway keeps in its data dir
+    data = tmp_path / "gw"
+    cfgfile = tmp_path / "gw.toml"
+    cfgfile.write_text(tomli_w.dumps({"city": "copenhagen", "data_dir": str(data), "mirror": {
+        "partner": "tongyeong", "policy": str(BLUE), "partner_broker": {"host": "h", "insecure": True}}}))
+    r = runner.invoke(app, ["mirror", "status", "-c", str(cfgfile)])
+    assert r.exit_code == 2 and "no mirror archive" in r.output
+    arch = Archive(data / "mirror" / "archive-tongyeong.sqlite3")
+    hour = int(time.time()) // 3600 * 3600 - 7200
+    pts = [Point("marine", {"city": "copenhagen", "node": "buoy-01"}, hour + i, {"ph": 7.0}, i + 1) for i in range(10)]
+    msg, _ = encode_batch({"batch": arch.bid(1)}, pts)
+    arch.commit_batch(1, msg, pts, time.time(), False, 100, [])
+    arch.mark([(1, 1, None)])
+    assert arch.refresh_digests(time.time()) == 1
+    k = arch.keys(0)[0]
+    arch.record_partner([(k.m, k.node, k.hour, 9, "x", False, None)])
+    arch.close()
+    r = runner.invoke(app, ["mirror", "status", "-c", str(cfgfile), "--per-node"])
+    assert r.exit_code == 0, r.output
+    assert "holds 90.00%" in r.output and "buoy-01" in r.output
+    json.dumps(r.output)
