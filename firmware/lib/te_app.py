@@ -98,6 +98,7 @@ class Node:
         self.sensors_up = False
         self.flush_now = False
         self.cal_ack = None
+        self.was_up = False
         self.last_ntp = time.ticks_add(time.ticks_ms(), -3600000)
 
     def tr(self, ev, **kw):
@@ -428,10 +429,25 @@ class Node:
         self.b.reset()
 
     async def net(self):
+        # the network loop must never die quietly: a failure drops the link and starts over
+        # (if it keeps failing, the supervisor stops feeding the watchdog)
+        while True:
+            try:
+                await self._net()
+            except Exception as e:
+                self.tr("neterr", err=repr(e))
+                self.mq.close()
+                gc.collect()
+                await asyncio.sleep_ms(1000)
+
+    async def _net(self):
         mq = self.mq
         backoff = 500
         while True:
             self.hb_net = time.ticks_ms()
+            if self.was_up and not mq.up:
+                self.was_up = False
+                self.tr("down")
             if self.cfg_in is not None:
                 p = self.cfg_in
                 self.cfg_in = None
@@ -451,6 +467,7 @@ class Node:
                 try:
                     await mq.connect((self.t_cfg, self.t_cmd))
                     self.tr("conn", n=mq.connects, dups=mq.dups)
+                    self.was_up = True
                     backoff = 500
                     self.status_due = True
                 except Exception as e:
@@ -462,12 +479,10 @@ class Node:
                     continue
             elif not self.b.wifi_ok():
                 mq.close()
-                self.tr("down", why="wifi")
                 continue
             self.wake.clear()
             await self.pump()
             if not mq.up:
-                self.tr("down", why="link")
                 continue
             try:
                 await asyncio.wait_for_ms(self.wake.wait(), 1000)
@@ -571,6 +586,7 @@ def main():
         return
     board = Board(ncfg)
     gc.collect()  # drop import-time garbage before the long-lived buffers are allocated
+    gc.threshold(4096)  # collect early and often: keeps the small heap from fragmenting
     try:
         node = Node(board, ncfg)
         asyncio.run(node.run())

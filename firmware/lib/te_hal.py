@@ -49,7 +49,7 @@ class Board:
         return int(ms // self.speed)
 
     async def vsleep(self, ms):
-        await asyncio.sleep_ms(self.vms(ms))
+        await asyncio.sleep_ms(max(1, self.vms(ms)))
 
     def ntp_sync(self):
         # Set the RTC from NTP; returns the clock correction in seconds, or None.
