@@ -28,6 +28,9 @@ def build_app() -> typer.Typer:
     app.add_typer(node_app, name="node")
     app.add_typer(broker_app, name="broker")
     app.add_typer(mirror_app, name="mirror")
+    from twinedge.demo_cli import demo
+
+    app.command("demo")(demo)
     return app
 
 
