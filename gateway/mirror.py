@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("twinedge.gateway.mirror")
 
 TOPIC_ROOT = "mirror"
+_SKIP = object()
 INFLUX_TAGS = set(POINT_TAGS) | {"origin"}
 
 
@@ -189,6 +190,7 @@ class MirrorSink:
         self._tokens_at = time.monotonic()
         # (m, node, bin) -> [tags, {field: [n, sum, max, min]}, dirty]
         self._bins: dict[tuple[str, str, int], list[Any]] = {}
+        self._plans: dict[str, dict[str, Any]] = {}
         for m, node, b, tags, state in archive.agg_dirty():
             self._bins[(m, node, b)] = [tags, state, True]
 
@@ -222,11 +224,31 @@ class MirrorSink:
         if rule.aggregate_minutes:
             self._aggregate(rule, m, node, out_tags, rec["rows"])
             return
+        plan = self._plan(rule)
         for t, fields, seq, _flags in rec["rows"]:
-            f = {k: rule.fields[k].apply(v) for k, v in fields.items()
-                 if k in rule.fields and v is not None and finite(v)}
+            f: dict[str, Any] = {}
+            for k, v in fields.items():
+                step = plan.get(k, _SKIP)
+                if step is _SKIP or v is None:
+                    continue
+                if step is None:  # the hot paths: keep, or round a float
+                    f[k] = v
+                elif type(v) is float and type(step) is int:
+                    f[k] = round(v, step)
+                else:
+                    f[k] = rule.fields[k].apply(v)
             if f:
                 raw_out.append(Point(m, out_tags, int(t), f, seq))
+
+    def _plan(self, rule: ShareRule) -> dict[str, Any]:
+        """Per field: None = keep as is, int = round to N decimals, the rule itself otherwise."""
+        plan = self._plans.get(rule.measurement)
+        if plan is None:
+            plan = {}
+            for k, fr in rule.fields.items():
+                plan[k] = None if fr.round is None and fr.quantum is None else (fr.round if fr.quantum is None else fr)
+            self._plans[rule.measurement] = plan
+        return plan
 
     def _aggregate(self, rule: ShareRule, m: str, node: str, tags: dict[str, str], rows: list[Any]) -> None:
         width = rule.aggregate_minutes * 60

@@ -41,8 +41,8 @@ class FieldRule(_Strict):
     quantum: float | None = Field(None, gt=0, description="coarsen to a multiple of this step (e.g. 0.01 deg)")
 
     def apply(self, v: Any) -> Any:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, int) and self.quantum is None):
+            return v  # integer fields stay integers (InfluxDB field types must not change)
         if self.quantum is not None:
             v = round(v / self.quantum) * self.quantum
         if self.round is not None:
