@@ -88,11 +88,34 @@ def test_torn_log_tail_is_cut_and_earlier_records_survive(tmp_path: Path) -> Non
     end = log.append([b"three"])
     log.close()
     seg = next((tmp_path / "log").glob("*.seg"))
-    with open(seg, "ab") as f:
-        f.write(struct.pack("<II", 100, 0) + b"partial")  # a crash mid-write
+    with open(seg, "r+b") as f:
+        f.seek(end)
+        f.write(struct.pack("<II", 100, 0) + b"partial")  # a crash mid-write of the next frame
     log = DurableLog(tmp_path / "log", 10 * 1024 * 1024, 1024 * 1024)
     assert log.torn_bytes_cut == 15 and log.end == end
     assert [p for _, p in log.read(0)] == [b"one", b"two", b"three"]
+    log.append([b"four"])  # appends continue where the valid data ends
+    log.close()
+    log = DurableLog(tmp_path / "log", 10 * 1024 * 1024, 1024 * 1024)
+    assert [p for _, p in log.read(0)] == [b"one", b"two", b"three", b"four"] and log.torn_bytes_cut == 0
+
+
+def test_log_survives_reopen_across_segments(tmp_path: Path) -> None:
+    log = DurableLog(tmp_path / "log", 64 * 1024 * 1024, 64 * 1024)
+    recs = [bytes([i % 251 + 1]) * 1000 for i in range(300)]  # ~300 KB over several 64 KB segments
+    for i in range(0, 300, 7):
+        log.append(recs[i:i + 7])
+    end = log.end
+    log.close()
+    log = DurableLog(tmp_path / "log", 64 * 1024 * 1024, 64 * 1024)
+    assert log.end == end and len(list((tmp_path / "log").glob("*.seg"))) > 3
+    got, off = [], 0
+    while batch := log.read(off, 50_000):
+        got += [p for _, p in batch]
+        off = batch[-1][0]
+    assert got == recs
+    freed = log.release(off)
+    assert freed > 0 and log.read(0) == []
 
 
 def test_bad_messages_are_dead_lettered_and_the_gateway_keeps_running(
