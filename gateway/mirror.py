@@ -455,14 +455,17 @@ class Sender:
 
     def _send(self, link: MqttLink) -> None:
         now = time.monotonic()
-        for b in self.archive.pending(self.cfg.max_inflight_batches):
-            sent = self.inflight.get(b.id)
+        for bid, nbytes in self.archive.pending_ids(self.cfg.max_inflight_batches):
+            sent = self.inflight.get(bid)
             if sent is not None and now - sent < self.cfg.ack_timeout_s:
                 continue
-            link.publish(topic(self.cfg.partner, self.city, "batch"), b.msg)
-            self.inflight[b.id] = now
+            msg = self.archive.message(bid)
+            if msg is None:
+                continue
+            link.publish(topic(self.cfg.partner, self.city, "batch"), msg)
+            self.inflight[bid] = now
             if sent is None:
-                self.metrics.bytes.labels("out").inc(b.bytes)
+                self.metrics.bytes.labels("out").inc(nbytes)
                 self.metrics.batches.labels("out", "sent").inc()
             else:
                 self.metrics.batches.labels("out", "resent").inc()

@@ -156,11 +156,14 @@ class Archive:
                 for r in self.db.execute("SELECT m, node, bin, tags, state FROM agg WHERE dirty = 1")]
 
     # -- sender ---------------------------------------------------------------------------
-    def pending(self, limit: int, after_id: int = 0) -> list[BatchRow]:
-        rows = self.db.execute(
-            "SELECT id, created, first_a, points, bytes, replay, state, msg FROM batch WHERE state = 0 AND id > ? "
-            "ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
-        return [BatchRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7]) for r in rows]
+    def pending_ids(self, limit: int) -> list[tuple[int, int]]:
+        """(id, bytes) of the oldest unacknowledged batches, without their bodies."""
+        return [(int(r[0]), int(r[1])) for r in self.db.execute(
+            "SELECT id, bytes FROM batch WHERE state = 0 ORDER BY id LIMIT ?", (limit,))]
+
+    def message(self, batch_id: int) -> bytes | None:
+        row = self.db.execute("SELECT msg FROM batch WHERE id = ?", (batch_id,)).fetchone()
+        return None if row is None else bytes(row[0])
 
     def pending_stats(self) -> tuple[int, int, float | None]:
         n, b, a = self.db.execute("SELECT count(*), coalesce(sum(bytes), 0), min(first_a) FROM batch WHERE state = 0").fetchone()
@@ -208,8 +211,9 @@ class Archive:
 
     def refresh_digests(self, settled_before: float) -> int:
         """Recompute dirty digests of hours that ended before `settled_before`. Returns how many."""
-        rows = self.db.execute("SELECT m, node, hour FROM digest WHERE dirty = 1 AND hour + 3600 <= ?",
-                               (settled_before,)).fetchall()
+        busy = self.key_has_pending()  # recomputed once their batches are acknowledged
+        rows = [r for r in self.db.execute("SELECT m, node, hour FROM digest WHERE dirty = 1 AND hour + 3600 <= ?",
+                                           (settled_before,)).fetchall() if (r[0], r[1], int(r[2])) not in busy]
         cache: dict[int, list[Point]] = {}
         updates = []
         for m, node, hour in rows:

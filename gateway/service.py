@@ -352,6 +352,10 @@ class Gateway:
         return 0
 
     async def _drain(self) -> None:
+        for s in self.sinks:
+            drain = getattr(s, "drain", None)
+            if drain is not None:
+                await drain()
         deadline = time.monotonic() + self.cfg.drain_timeout_s
         while time.monotonic() < deadline and any(s.cursor < self.log.end for s in self.sinks):
             await asyncio.sleep(0.05)

@@ -142,10 +142,17 @@ class InfluxSink:
         self.points_written = 0
         self.oldest_pending_at: float | None = None
         self._stop = asyncio.Event()
+        self.draining = False
         self.failing_since: float | None = None
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def drain(self) -> None:
+        """Shutting down: write what is in the log now instead of waiting for the flush interval."""
+        self.draining = True
+        async with self.appended:
+            self.appended.notify_all()
 
     async def _wait_for_data(self, timeout: float) -> None:
         async with self.appended:
@@ -187,7 +194,7 @@ class InfluxSink:
                         self._commit(offset)
                     await self._wait_for_data(1.0)
                     continue
-                if n < self.cfg.batch_points and first_at is not None:
+                if n < self.cfg.batch_points and first_at is not None and not self.draining:
                     wait = self.cfg.flush_interval_s - (time.time() - first_at)
                     if wait > 0 and not self._stop.is_set():
                         await self._wait_for_data(wait)
