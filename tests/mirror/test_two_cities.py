@@ -216,7 +216,10 @@ def test_aggregated_policy_sends_bins_only(tmp_path: Path, influxd: Influxd) -> 
         _publish(pub, [node], 12, t0, per=10)  # readings every second for 120 s: one 15-minute bin
         _publish(pub, [node], 6, t0 + 1800, per=10)  # 60 more in the bin at +30 min
         own = query_points
-        wait_until(lambda: len(own(influxd, partner_db("amsterdam"), "SELECT * FROM mobility")) == 2, 60, "two bins")
+        # A closed bin is sent as soon as readings arrive and re-sent (cumulative) as more arrive: wait for the end state.
+        wait_until(lambda: [b.get("vehicles_count") for b in own(influxd, partner_db("amsterdam"), "SELECT * FROM mobility")]
+                   == [120, 60], 60, "two complete bins")
+        wait_until(lambda: len(own(influxd, own_db("helsinki"), "SELECT * FROM mobility")) == 180, 30, "own raw readings")
         bins = own(influxd, partner_db("amsterdam"), "SELECT * FROM mobility")
         raw = own(influxd, own_db("helsinki"), "SELECT * FROM mobility")
         assert [b["time"] for b in bins] == [t0, t0 + 1800]
