@@ -99,7 +99,7 @@ class MirrorConfig(_Strict):
     partner: str
     policy: Path
     partner_broker: PartnerBroker
-    inbound: Inbound = Inbound()
+    inbound: Inbound = Field(default_factory=lambda: Inbound.model_validate({}))
     batch_max_points: int = Field(5000, ge=1, le=100_000)
     batch_max_age_s: float = Field(1.0, gt=0, le=600)
     max_inflight_batches: int = Field(16, ge=1, le=1000)

@@ -17,6 +17,8 @@ from collections import deque
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -50,7 +52,7 @@ class MqttLink:
         self.last_error = "not connected yet"
         self._lock = threading.Lock()
         self._stopping = False
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
                                   manual_ack=manual_ack)
         self.client.max_inflight_messages_set(100)
         self.client.max_queued_messages_set(0)
@@ -63,7 +65,7 @@ class MqttLink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
 
-    def _on_connect(self, client: mqtt.Client, _ud: object, _flags: mqtt.ConnectFlags, rc: mqtt.ReasonCode, _p: object) -> None:
+    def _on_connect(self, client: mqtt.Client, _ud: object, _flags: mqtt.ConnectFlags, rc: ReasonCode, _p: object) -> None:
         if rc.is_failure:
             self.last_error = f"{self.what}: broker {self.host}:{self.port} refused the connection: {rc}"
             log.warning("mirror link refused", extra={"link": self.what, "reason": str(rc)})
@@ -77,14 +79,14 @@ class MqttLink:
         log.info("mirror link connected", extra={"link": self.what, "broker": f"{self.host}:{self.port}"})
         self.loop.call_soon_threadsafe(self.wakeup.set)
 
-    def _on_disconnect(self, _c: mqtt.Client, _ud: object, _f: object, rc: mqtt.ReasonCode, _p: object) -> None:
+    def _on_disconnect(self, _c: mqtt.Client, _ud: object, _f: object, rc: ReasonCode, _p: object) -> None:
         self.connected = False
         if not self._stopping:
             self.last_error = f"{self.what}: disconnected from {self.host}:{self.port} ({rc}); reconnecting"
             log.warning("mirror link down", extra={"link": self.what, "reason": str(rc)})
 
     def _on_message(self, _c: mqtt.Client, _ud: object, msg: mqtt.MQTTMessage) -> None:
-        self.queue.append(LinkMessage(msg.topic, msg.payload, msg.mid, msg.qos, self.generation, time.time()))
+        self.queue.append(LinkMessage(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self.generation, time.time()))
         self.loop.call_soon_threadsafe(self.wakeup.set)
 
     def start(self) -> None:

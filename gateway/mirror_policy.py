@@ -112,7 +112,7 @@ class ShareRule(_Strict):
         out: dict[str, FieldRule] = {}
         for f, rule in self.fields.items():
             for s in self.stats:
-                out[f"{f}_{s}"] = FieldRule() if s == "count" else rule
+                out[f"{f}_{s}"] = FieldRule.model_validate({}) if s == "count" else rule
         return out
 
     def site_value(self, site: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.mirror_wire import decode_body, split_batch
 from provisioning.broker import hash_password, make_ca, mosquitto_tls_listener
@@ -52,11 +53,15 @@ class RawTap:
     def __init__(self, port: int, topic_filter: str = "mirror/#") -> None:
         self.messages: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"tap-{secrets.token_hex(3)}")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"tap-{secrets.token_hex(3)}")
         self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, *_a: c.subscribe(topic_filter, 1)
+        self.topic_filter = topic_filter
+        self.client.on_connect = self._on_connect
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
+
+    def _on_connect(self, client: mqtt.Client, *_a: object) -> None:
+        client.subscribe(self.topic_filter, 1)
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         with self._lock:

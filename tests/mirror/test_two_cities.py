@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 import pytest
 
 from gateway.mirror_wire import encode_batch, Point
@@ -133,7 +134,7 @@ def test_two_cities_mirror_exactly_once_filtered_no_loops_reconciled(stack: Twin
     broken = broken[:-3] + bytes(b ^ 0xFF for b in broken[-3:])
     forbidden_pt = [Point("marine", {"city": CPH, "domain": "marine", "node": "evil-2"}, t0, {"ph": 7.0, "battery_v": 3.7}, 1)]
     forbidden, _ = encode_batch({**base, "origin": CPH, "batch": "zz-3"}, forbidden_pt)
-    raw = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="evil")
+    raw = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="evil")
     raw.connect("127.0.0.1", stack.sides[TYG].broker.port)
     raw.loop_start()
     for t, payload in ((f"mirror/{TYG}/oslo/batch", unknown), (f"mirror/{TYG}/{CPH}/batch", broken),
