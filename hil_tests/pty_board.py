@@ -317,9 +317,10 @@ def start(
     micropath: str = "",
     run_main: bool = True,
     heapsize: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> PtyBoard:
     """Start an emulated board; `.port` is the device path for mpremote; `.stop()` ends it."""
-    return PtyBoard(flash_dir, micropython_path, micropath, run_main=run_main, heapsize=heapsize).start()
+    return PtyBoard(flash_dir, micropython_path, micropath, run_main=run_main, heapsize=heapsize, env=env).start()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,25 @@ from provisioning.errors import ProvisioningError, UsageError
 from provisioning.registry import SENSOR_FIELDS, Calibration, Node
 
 DEFAULT_POINTS = {"ph": [7.0, 4.0, 10.0], "do": [0.0, 9.09], "ec": [12880.0, 80000.0], "temp": [0.0, 100.0], "turbidity": [0.0, 100.0]}
-RAW_READ = "import te_cal\nprint(repr(float(te_cal.raw(%r))))"
+# Raw readings straight from the firmware's own drivers (firmware/lib/te_drivers.py): an EZO
+# circuit's "R" answer before TwinEdge's calibration is applied. (I2C address, wait ms.)
+EZO = {"ph": (0x63, 900), "do": (0x61, 600), "ec": (0x64, 600)}
+EZO_READ = """
+import json, asyncio
+from te_hal import Board
+from te_drivers import Ezo
+_b = Board(json.load(open('node.json')))
+_e = Ezo(_b.i2c(), %d, %d)
+_r = asyncio.run(_e.ask(_b, b'R', %d))
+print(repr(float(_r.split(',')[0]) if _r else 'fault: ' + str(_e.fault)))
+"""
+
+
+def raw_snippet(kind: str) -> str:
+    if kind not in EZO:
+        raise UsageError(f"reading a raw {kind} value at the REPL is not supported; calibrate one of: {', '.join(EZO)}")
+    addr, wait = EZO[kind]
+    return EZO_READ % (addr, wait, wait)
 
 
 @dataclass(frozen=True)
@@ -79,13 +97,18 @@ def check_points(points: list[tuple[float, float]], kind: str) -> None:
         raise ProvisioningError(f"raw readings {raws} do not follow the buffers {[p[0] for p in points]}: a buffer was probably mixed up; redo the calibration")
 
 
-def device_reader(board: object, field: str, snippet: str = RAW_READ) -> Callable[[], float]:
+def device_reader(board: object, kind: str) -> Callable[[], float]:
+    snippet = raw_snippet(kind)
+
     def read() -> float:
-        out = board.exec(snippet % (field,))  # type: ignore[attr-defined]
+        out = board.exec(snippet)  # type: ignore[attr-defined]
         try:
-            return float(ast.literal_eval(out.strip().splitlines()[-1]))
+            v = ast.literal_eval(out.strip().splitlines()[-1])
         except (ValueError, SyntaxError, IndexError):
             raise ProvisioningError(f"the node answered {out.strip()[:60]!r} instead of a reading: update the firmware") from None
+        if isinstance(v, str):
+            raise ProvisioningError(f"the {kind} probe does not answer ({v}): check its cable and connector, then retry")
+        return float(v)
 
     return read
 

@@ -581,7 +581,7 @@ def calibrate_cmd(
     """
     root = root_of(registry)
     node = get_node(root, node_id)
-    field = cal.cal_field(sensor)
+    cal.cal_field(sensor)  # refuses kinds that take no reference points
     if sensor not in {s.kind for s in node.sensors}:
         raise UsageError(f"{node_id} has no {sensor} sensor; add it with `twinedge node edit {node_id} --add-sensor {sensor}:SERIAL`")
     refs = cal.parse_points(points, sensor)
@@ -589,7 +589,7 @@ def calibrate_cmd(
     stab = cal.Stability(samples, tolerance, settle)
     got: list[tuple[float, float]] = []
     with device.board(port) as b:
-        read = cal.device_reader(b, field)
+        read = cal.device_reader(b, sensor)
         for ref in refs:
             console.print(f"Rinse the probe and put it in the {ref:g} buffer.")
             if not yes:

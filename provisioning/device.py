@@ -33,6 +33,7 @@ from provisioning.flash import check_port
 Progress = Callable[[str, float], None]
 SOURCE_ONLY = {"main.py", "boot.py"}
 SKIP_DIRS = {"__pycache__", ".mypy_cache", "tests"}
+DEV_FILES = {"pyrightconfig.json", "README.md", "requirements.txt"}  # tooling, not for the board
 CONFIG_FILE = "node.json"
 CFG_FILE = "cfg.json"
 
@@ -55,7 +56,7 @@ def manifest(firmware_dir: Path) -> list[Item]:
         rel = p.relative_to(firmware_dir)
         if p.is_dir() or any(part in SKIP_DIRS or part.startswith(".") for part in rel.parts):
             continue
-        if p.suffix in (".pyc", ".pyi", ".mpy") or p.name.endswith("~"):
+        if p.suffix in (".pyc", ".pyi", ".mpy", ".md", ".toml") or p.name.endswith("~") or p.name in DEV_FILES:
             continue
         dest = rel.as_posix()
         if p.suffix == ".py" and dest not in SOURCE_ONLY:
@@ -124,7 +125,9 @@ def board(port: str, timeout: float = 10.0) -> Iterator["Board"]:
 
     check_port(port)
     try:
-        t = SerialTransport(port, baudrate=115200)
+        # A read timeout, so a silent port ends in our error instead of blocking forever
+        # (mpremote reads a pty byte by byte without one).
+        t = SerialTransport(port, baudrate=115200, timeout=2)
     except TransportError:
         raise ProvisioningError(f"cannot open {port}: is another program (serial monitor, IDE) using it? close it and retry") from None
     try:

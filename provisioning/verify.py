@@ -50,6 +50,16 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.problems
 
+    def _battery(self) -> str:
+        s = self.status or {}
+        if isinstance(s.get("bat_mv"), int):
+            return f"{int(s['bat_mv']) / 1000:.2f} V"
+        # The first status can precede the first battery sample; the readings carry it too.
+        for r in reversed(self.readings):
+            if "battery_v" in r.values:
+                return f"{float(r.values['battery_v']):.2f} V (from readings)"
+        return "?"
+
     def summary_rows(self) -> list[tuple[str, str]]:
         s = self.status or {}
         rows = [
@@ -57,7 +67,7 @@ class VerifyReport:
             ("firmware", str(s.get("fw", "?"))),
             ("config version", str(s.get("cfg", "?")) + (f"  (rejected: {s['cfg_err']})" if s.get("cfg_err") else "")),
             ("RSSI", f"{s['rssi']} dBm" if isinstance(s.get("rssi"), int) else "?"),
-            ("battery", f"{int(s['bat_mv']) / 1000:.2f} V" if isinstance(s.get("bat_mv"), int) else "?"),
+            ("battery", self._battery()),
             ("clock synced", str(s.get("synced", "?"))),
             ("readings seen", str(len(self.readings))),
         ]
