@@ -30,7 +30,6 @@ from provisioning.errors import ProvisioningError, UsageError
 from provisioning.registry import (
     City,
     Node,
-    NodeConfig,
     RegistryError,
     Sensor,
     describe_validation_error,
@@ -87,6 +86,8 @@ def friendly(fn: F) -> F:
             raise fail(str(e), e.exit_code) from None
         except (RegistryError, SecretError, brk.BrokerError) as e:
             raise fail(str(e), 2) from None
+        except ValidationError as e:  # a model built from options we did not wrap ourselves
+            raise fail(describe_validation_error(e, "input"), 2) from None
         except KeyboardInterrupt:
             raise fail("interrupted; nothing half-done is left behind, run the command again", 130) from None
 
@@ -178,8 +179,8 @@ def add(
     sensors = [parse_sensor(s) for s in sensor or []]
     store = secret_store()
     try:
-        node = Node(id=node_id, city=city, domain=domain, site=site, lat=lat, lon=lon, sensors=sensors,  # type: ignore[arg-type]
-                    config=NodeConfig(interval_s=interval), wifi_ref=f"wifi/{city}")
+        node = Node.model_validate({"id": node_id, "city": city, "domain": domain, "site": site, "lat": lat, "lon": lon,
+                                    "sensors": sensors, "config": {"interval_s": interval}, "wifi_ref": f"wifi/{city}"})
     except ValidationError as e:
         raise UsageError(describe_validation_error(e, f"node {node_id}")) from None
     node = node.model_copy(update={"credential_ref": store.ensure_mqtt(node_id)})

@@ -200,7 +200,10 @@ def save_node(root: Path, node: Node) -> Path:
 def load_city(root: Path, city: str) -> City:
     path = city_path(root, city)
     if not path.exists():
-        return City(name=city)
+        try:
+            return City(name=city)
+        except ValidationError as e:
+            raise RegistryError(describe_validation_error(e, f"city {city!r}")) from None
     data = _load_toml(path)
     try:
         c = City.model_validate(data)
