@@ -681,8 +681,9 @@ def ca_cmd(
 ) -> None:
     """Create the city CA (kept if it exists) and a new broker server certificate (cryptography, EC P-256).
 
-    Keep ca.key offline. Nodes get ca.crt at install (--ca). Example:
-      twinedge broker ca --city copenhagen --out ./pki --host broker.cph.example --host 10.0.0.5
+    Keep ca.key offline. Nodes get ca.crt at install (--ca).
+
+    Example: twinedge broker ca --city copenhagen --out ./pki --host broker.cph.example --host 10.0.0.5
     """
     files = brk.make_ca(city, out_dir, hosts=host or ["localhost", "127.0.0.1"], server_days=days)
     out().print(f"CA {files.ca_cert} (key {files.ca_key}, mode 600); server certificate {files.server_cert}")
