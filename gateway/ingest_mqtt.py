@@ -4,6 +4,13 @@ paho's network thread appends each message to a deque and wakes the event loop; 
 ingest stage acknowledges (PUBACK) only after the message is durable. aiomqtt has no
 public manual-ack API (empicano/aiomqtt#345), hence paho.
 
+Backpressure: Mosquitto 2.0.11 was measured sending far more unacknowledged messages
+than the client's receive window when several publishers are active (14,630 in flight
+against a window of 1,000, bench notes in docs/operations.md). So the gateway bounds its
+own memory: when the queue holds `receive_maximum` messages or 8 MB, paho's network
+thread waits in the callback until ingest has drained it to half; TCP then pushes back
+on the broker, which keeps the backlog.
+
 Reconnects: the broker redelivers unacknowledged messages with their original packet
 ids, so a message received on an earlier connection is never acknowledged on a later
 one (its id may by then name another message); its redelivered copy is acked instead.
@@ -50,6 +57,13 @@ class MqttIngest:
         self.connected = False
         self.last_error = "not connected yet"
         self._generation = 0
+        self.received_count = 0
+        self.acked_count = 0
+        self.queue_bytes = 0
+        self.high_water = cfg.receive_maximum
+        self.high_water_bytes = 8 * 1024 * 1024
+        self.backpressure_waits = 0
+        self._drained = threading.Event()
         self._lock = threading.Lock()
         self._stopping = False
         v5 = cfg.protocol == 5
@@ -104,12 +118,20 @@ class MqttIngest:
             log.warning("mqtt disconnected", extra={"reason": str(rc)})
 
     def _on_message(self, _c: mqtt.Client, _ud: object, msg: mqtt.MQTTMessage) -> None:
-        was_empty = not self.queue
-        self.queue.append(
-            Inbound(msg.topic, msg.payload, msg.mid, msg.qos, self._generation, time.time(), bool(msg.retain))
-        )
+        q = self.queue
+        was_empty = not q
+        self.received_count += 1
+        self.queue_bytes += len(msg.payload)
+        q.append(Inbound(msg.topic, msg.payload, msg.mid, msg.qos, self._generation, time.time(), bool(msg.retain)))
         if was_empty:
             self.loop.call_soon_threadsafe(self.wakeup.set)
+        if len(q) >= self.high_water or self.queue_bytes >= self.high_water_bytes:
+            self.backpressure_waits += 1
+            while (len(q) > self.high_water // 2 or self.queue_bytes > self.high_water_bytes // 2) and not self._stopping:
+                self._drained.clear()
+                if len(q) <= self.high_water // 2 and self.queue_bytes <= self.high_water_bytes // 2:
+                    break
+                self._drained.wait(0.5)
 
     # -- event-loop side ------------------------------------------------------------
     def start(self) -> None:
@@ -125,6 +147,12 @@ class MqttIngest:
         )
         self.client.loop_start()
 
+    def taken(self, items: list[Inbound]) -> None:
+        """Ingest took these off the queue: account for them and let paho read again when drained."""
+        self.queue_bytes -= sum(len(it.payload) for it in items)
+        if len(self.queue) <= self.high_water // 2 and self.queue_bytes <= self.high_water_bytes // 2:
+            self._drained.set()
+
     def ack(self, items: list[Inbound]) -> int:
         """PUBACK items from the current connection; returns how many were acknowledged."""
         done = 0
@@ -134,10 +162,12 @@ class MqttIngest:
                 if it.qos and it.generation == gen:
                     self.client.ack(it.mid, it.qos)
                     done += 1
+        self.acked_count += done
         return done
 
     def stop(self) -> None:
         self._stopping = True
+        self._drained.set()
         try:
             self.client.disconnect()
         finally:

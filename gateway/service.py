@@ -209,6 +209,7 @@ class Gateway:
                 payload_budget -= len(q[0].payload)
                 batch.append(q.popleft())
                 budget -= 1
+            mqtt.taken(batch)
             recs, dead = self._process(batch)
             # Durable first (dead letters and log), then acknowledge: a crash in between only
             # causes a redelivery, which de-duplication and InfluxDB's overwrite absorb.
@@ -280,6 +281,9 @@ class Gateway:
             m.node_gaps.labels(node).set(st.gaps)
             m.node_duplicates.labels(node).set(st.duplicates)
             m.node_completeness.labels(node).set(st.completeness)
+        m.ingest_queue.set(len(self.mqtt.queue) if self.mqtt else 0)
+        m.backpressure.set(self.mqtt.backpressure_waits if self.mqtt else 0)
+        m.mqtt_unacked.set(self.mqtt.received_count - self.mqtt.acked_count if self.mqtt else 0)
         connected = bool(self.mqtt and self.mqtt.connected)
         m.mqtt_connected.set(1 if connected else 0)
         self.health.set("mqtt", None if connected else (self.mqtt.last_error if self.mqtt else "not started"))

@@ -135,7 +135,7 @@ def test_log_full_stops_acknowledging_and_recovers(mosquitto: Mosquitto, influxd
     # /healthz and the alarm metric, and land everything once InfluxDB is back.
     influxd.stop()
     gw = start_gateway(log={"max_bytes": 1024 * 1024, "segment_bytes": 65536},
-                       limits={"max_payload_bytes": 4096})
+                       limits={"max_payload_bytes": 4096}, mqtt={"receive_maximum": 50})
     pub = Publisher(mosquitto.port)
     nodes = _nodes(4)
     t0 = int(time.time()) - 4 * 3600
@@ -146,6 +146,9 @@ def test_log_full_stops_acknowledging_and_recovers(mosquitto: Mosquitto, influxd
     wait_until(lambda: gw.metrics().get("twinedge_log_full") == 1.0, 30, "log-full alarm")
     code, text = gw.health()
     assert code == 503 and "durable log full" in text
+    # The gateway's own memory stays bounded whatever the broker sends: the reader pauses at the window.
+    wait_until(lambda: gw.metrics().get("twinedge_ingest_backpressure_waits", 0) > 0, 20, "reader paused")
+    assert gw.metrics()["twinedge_ingest_queue"] <= 50
     influxd.start()
     _assert_exactly_once(influxd, nodes, timeout=90)
     wait_until(lambda: gw.metrics().get("twinedge_log_full") == 0.0, 20, "alarm cleared")
