@@ -1,0 +1,1 @@
+"""The HIL rig: emulated/real boards, fault proxy, city stacks, accounting, scenarios."""
