@@ -29,6 +29,7 @@ from te_hal import Board
 from te_drivers import Ezo
 _b = Board(json.load(open('node.json')))
 _e = Ezo(_b.i2c(), %d, %d)
+asyncio.new_event_loop()  # no leftover application tasks may share the bus
 _r = asyncio.run(_e.ask(_b, b'R', %d))
 print(repr(float(_r.split(',')[0]) if _r else 'fault: ' + str(_e.fault)))
 """

@@ -589,7 +589,7 @@ def calibrate_cmd(
     console = out()
     stab = cal.Stability(samples, tolerance, settle)
     got: list[tuple[float, float]] = []
-    with device.board(port) as b:
+    with device.board(port, clean=True) as b:
         read = cal.device_reader(b, sensor)
         for ref in refs:
             console.print(f"Rinse the probe and put it in the {ref:g} buffer.")

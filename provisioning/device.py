@@ -118,8 +118,12 @@ del _h
 
 
 @contextmanager
-def board(port: str, timeout: float = 10.0) -> Iterator["Board"]:
-    """A raw-REPL session on the board at `port`; plain errors for the usual failures."""
+def board(port: str, timeout: float = 10.0, clean: bool = False) -> Iterator["Board"]:
+    """A raw-REPL session on the board at `port`; plain errors for the usual failures.
+
+    `clean`: soft-reset on entry, so nothing of the interrupted application (its asyncio
+    tasks, open buses) is left in the VM; a raw-REPL soft reset does not run main.py.
+    """
     from mpremote.transport import TransportError
     from mpremote.transport_serial import SerialTransport
 
@@ -132,7 +136,7 @@ def board(port: str, timeout: float = 10.0) -> Iterator["Board"]:
         raise ProvisioningError(f"cannot open {port}: is another program (serial monitor, IDE) using it? close it and retry") from None
     try:
         b = Board(t, port)
-        b.enter(timeout)
+        b.enter(timeout, clean)
         yield b
     finally:
         try:
@@ -147,11 +151,11 @@ class Board:
     port: str
     written: list[str] = field(default_factory=list)
 
-    def enter(self, timeout: float) -> None:
+    def enter(self, timeout: float, clean: bool = False) -> None:
         from mpremote.transport import TransportError
 
         try:
-            self.t.enter_raw_repl(soft_reset=False, timeout_overall=timeout)  # type: ignore[attr-defined]
+            self.t.enter_raw_repl(soft_reset=clean, timeout_overall=timeout)  # type: ignore[attr-defined]
         except (TransportError, OSError):
             raise ProvisioningError(
                 f"no MicroPython REPL on {self.port}: flash MicroPython first (`twinedge node flash`), "
