@@ -204,6 +204,13 @@ def load_config(path: Path, environ: dict[str, str] | None = None) -> GatewayCon
         cfg.data_dir = (base / cfg.data_dir).resolve()
     if cfg.registry is not None and not cfg.registry.is_absolute():
         cfg.registry = (base / cfg.registry).resolve()
+    if cfg.mirror is not None:
+        from gateway.mirror import validate_mirror_config
+
+        policy = cfg.mirror.get("policy")
+        if isinstance(policy, str) and not Path(policy).is_absolute():
+            cfg.mirror["policy"] = str((base / policy).resolve())
+        validate_mirror_config(cfg.mirror, cfg.city)
     if cfg.registry is not None and not (cfg.registry / "nodes").is_dir():
         raise ConfigError([f"{path}: registry: {cfg.registry} has no nodes/ folder (create nodes with `twinedge node add`)"])
     return cfg

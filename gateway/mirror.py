@@ -183,6 +183,7 @@ class MirrorSink:
         self.batch_ready = batch_ready
         self.city = gw.cfg.city
         self.name = f"mirror-{cfg.partner}"
+        self.partner_lag_s = 0.0
         self.cursor = max(gw.log.cursor(self.name), archive.applied_offset())
         self.oldest_pending_at: float | None = None
         self._stop = asyncio.Event()
@@ -193,6 +194,10 @@ class MirrorSink:
         self._plans: dict[str, dict[str, Any]] = {}
         for m, node, b, tags, state in archive.agg_dirty():
             self._bins[(m, node, b)] = [tags, state, True]
+
+    def lag_seconds(self) -> float:
+        """Age of the oldest record the partner has not acknowledged (not just what our cursor passed)."""
+        return self.partner_lag_s
 
     def stop(self) -> None:
         self._stop.set()
@@ -512,7 +517,8 @@ class Sender:
         self.metrics.pending.set(n)
         self.metrics.pending_bytes.set(nbytes)
         oldest = [a for a in (first_a, self.sink.oldest_pending_at) if a is not None]
-        self.metrics.lag.set(max(0.0, time.time() - min(oldest)) if oldest else 0.0)
+        self.sink.partner_lag_s = max(0.0, time.time() - min(oldest)) if oldest else 0.0
+        self.metrics.lag.set(self.sink.partner_lag_s)
         self.metrics.link_up.labels("partner").set(1 if link.connected else 0)
 
     # -- reconciliation ---------------------------------------------------------------------

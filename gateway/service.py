@@ -253,6 +253,9 @@ class Gateway:
         for s in self.sinks:
             behind = s.cursor < self.log.end
             out[s.name] = max(0.0, now - s.oldest_pending_at) if behind and s.oldest_pending_at else 0.0
+            own = getattr(s, "lag_seconds", None)  # a sink whose work ends later than its cursor (the mirror)
+            if own is not None:
+                out[s.name] = max(out[s.name], float(own()))
         return out
 
     async def _stats(self) -> None:
