@@ -15,6 +15,7 @@ def build_app() -> typer.Typer:
     from dashboards.cli import app as dashboards_app
     from gateway.cli import app as gateway_app
     from gateway.mirror_cli import app as mirror_app
+    from hil_tests.rig.cli import hil_app
     from provisioning.cli import broker_app, node_app
 
     app = typer.Typer(
@@ -28,6 +29,7 @@ def build_app() -> typer.Typer:
     app.add_typer(node_app, name="node")
     app.add_typer(broker_app, name="broker")
     app.add_typer(mirror_app, name="mirror")
+    app.add_typer(hil_app, name="hil")
     from twinedge.demo_cli import demo
 
     app.command("demo")(demo)

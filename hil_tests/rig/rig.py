@@ -16,7 +16,8 @@ from hil_tests.rig.stack import City, Operator, Stack
 
 # Capabilities a scenario may need. A real board on a serial port offers only the ones that
 # need no hand on the hardware; the rest are skipped there, with the reason.
-EMULATED_CAPS = frozenset({"network", "services", "config", "stimulus", "wifi", "power", "watchdog", "clock"})
+EMULATED_CAPS = frozenset({"network", "services", "config", "stimulus", "wifi", "power", "watchdog", "clock",
+                           "small_ring"})
 REAL_CAPS = frozenset({"network", "services", "config"})
 CAP_REASON = {
     "stimulus": "needs a sensor stimulus (set values, unplug a probe): emulated board only",
@@ -24,6 +25,7 @@ CAP_REASON = {
     "power": "needs the board's power cut (a relay on the supply): emulated board only",
     "watchdog": "needs the firmware hung on purpose: emulated board only",
     "clock": "needs the board's RTC off and NTP unreachable: emulated board only",
+    "small_ring": "needs the node provisioned with an 8-reading flash ring: emulated board only",
 }
 
 
@@ -60,7 +62,8 @@ class Rig:
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> "Rig":
-        self.watcher = InfluxWatcher(self.stack, on_poll=[n.ring for n in self.nodes]).start()
+        polls = [n.ring for n in self.nodes if n.backend == "emulated"]  # a real ring is read once, at the end
+        self.watcher = InfluxWatcher(self.stack, on_poll=polls).start()
         return self
 
     def stop(self) -> None:
@@ -167,7 +170,10 @@ class Rig:
         self.watcher.poll()
         per: list[NodeFigures] = []
         for n in self.nodes:
-            per.append(account_node(n, self.watcher, cuts[n.spec.node], fault_end=fault_end, allow_drops=allow_drops))
+            if n.backend == "real":
+                n.pull_ring()
+            per.append(account_node(n, self.watcher, cuts[n.spec.node], first=getattr(n, "first_seq", 1),
+                                    fault_end=fault_end, allow_drops=allow_drops))
         redelivered = 0
         for c in self.stack.cities.values():
             redelivered += int(c.gateway_metric("twinedge_duplicates_total"))
@@ -182,8 +188,10 @@ class Rig:
 
     def _drained(self, n: Any, cut: int, allow_drops: bool) -> bool:
         assert self.watcher is not None
-        ring = n.ring()
         rows = self.watcher.node_rows(n.spec)
+        if n.backend == "real":
+            return len(rows) >= cut - n.first_seq + 1  # times unknown until the ring is read
+        ring = n.ring()
         for s in range(1, cut + 1):
             smp = ring.samples.get(s)
             if smp is None or smp.t not in rows:

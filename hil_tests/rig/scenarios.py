@@ -64,8 +64,8 @@ def steady(rig: Rig) -> Figures:
     rig.wait_online()
     for n in rig.nodes:
         rig.wait_samples(8, n)
-    f = rig.account("steady")
     st = rig.status()
+    f = rig.account("steady")
     check(f, st.get("faults") == {}, f"status faults {st.get('faults')}")
     check(f, st.get("drop") == 0, f"status drop {st.get('drop')}")
     return f
@@ -278,7 +278,7 @@ def boot_unsynced(rig: Rig) -> Figures:
 
 
 @scenario("buffer_full", "Flash ring full during an outage: oldest dropped, counted, reported, no crash",
-          needs={"network"}, ring=8)
+          needs={"network", "small_ring"}, ring=8)
 def buffer_full(rig: Rig) -> Figures:
     rig.wait_online()
     rig.wait_samples(2)
