@@ -388,7 +388,7 @@ def deployment(node: Node, store: SecretStore, root: Path, firmware_dir: Path, b
             raise UsageError("the city broker uses TLS but no CA file was given: pass --ca ca.crt (from `twinedge broker ca`)")
         files["ca.crt"] = Path(ca_path).read_bytes()
     doc = device.node_config(node.id, node.city, node.domain, host, port, user, password,
-                             w.get("ssid", "").reveal() if "ssid" in w else "", w["psk"].reveal() if "psk" in w else "", tls)
+                             w["ssid"].reveal() if "ssid" in w else "", w["psk"].reveal() if "psk" in w else "", tls)
     secret_files = {device.CONFIG_FILE: device.dumps(doc), device.CFG_FILE: device.dumps(cal.cfg_document(node))}
     return files, secret_files
 

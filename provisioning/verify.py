@@ -52,8 +52,9 @@ class VerifyReport:
 
     def _battery(self) -> str:
         s = self.status or {}
-        if isinstance(s.get("bat_mv"), int):
-            return f"{int(s['bat_mv']) / 1000:.2f} V"
+        mv = s.get("bat_mv")
+        if isinstance(mv, int):
+            return f"{mv / 1000:.2f} V"
         # The first status can precede the first battery sample; the readings carry it too.
         for r in reversed(self.readings):
             if "battery_v" in r.values:
@@ -145,7 +146,7 @@ def verify(
     deadline = t0 + timeout
     try:
         while time.monotonic() < deadline:
-            if rep.status and rep.status.get("online") and len(rep.readings) >= min_readings:
+            if rep.status and _alive(rep.status) and len(rep.readings) >= min_readings:
                 break
             try:
                 kind, val = events.get(timeout=min(0.5, max(0.01, deadline - time.monotonic())))
@@ -201,7 +202,7 @@ def problems(rep: VerifyReport, min_readings: int, influx: bool, timeout: float)
     out = []
     if rep.status is None:
         out.append(f"no status from the node within {timeout:.0f} s: check power, Wi-Fi and the broker address in its config")
-    elif not rep.status.get("online"):
+    elif not _alive(rep.status):
         out.append("the node's last status says offline: check power and Wi-Fi, then press RESET")
     if len(rep.readings) < min_readings:
         why = f" ({rep.rejected[-1]})" if rep.rejected else ""
@@ -214,6 +215,11 @@ def problems(rep: VerifyReport, min_readings: int, influx: bool, timeout: float)
     if influx and not rep.influx_points:
         out.append("readings reached the broker but not InfluxDB: check the gateway is running (`twinedge gateway status`)")
     return out
+
+
+def _alive(status: dict[str, object]) -> bool:
+    # A duty-cycling buoy's last status before deep sleep says offline with its sleep time.
+    return bool(status.get("online")) or bool(status.get("sleep_s"))
 
 
 def _influx_count(node: Node, influx: tuple[str, str], deadline: float) -> int:

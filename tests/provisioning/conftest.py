@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -25,7 +26,9 @@ def reg(tmp_path: Path) -> Reg:
     root = tmp_path / "registry"
     store = SecretStore(tmp_path / "secrets")
     save_city(root, City(name="copenhagen", partner="tongyeong"))
-    for nid, domain, site in (("buoy-a", "marine", "Nordhavn"), ("buoy-b", "marine", "Amager"), ("count-c", "mobility", "Langebro")):
+    rows: tuple[tuple[str, Literal["marine", "mobility"], str], ...] = (
+        ("buoy-a", "marine", "Nordhavn"), ("buoy-b", "marine", "Amager"), ("count-c", "mobility", "Langebro"))
+    for nid, domain, site in rows:
         sensors = [Sensor(kind="ph", serial="PH-1"), Sensor(kind="temp", serial="T-1"), Sensor(kind="battery")] if domain == "marine" else [Sensor(kind="radar")]
         save_node(root, Node(id=nid, city="copenhagen", domain=domain, site=site, sensors=sensors,
                              credential_ref=store.ensure_mqtt(nid)))

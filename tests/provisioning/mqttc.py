@@ -40,7 +40,7 @@ class Client:
         self._subacks: dict[int, list[ReasonCode]] = {}
         self._c.on_connect = self._on_connect
         self._c.on_publish = self._on_publish
-        self._c.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload, bool(m.retain)))
+        self._c.on_message = lambda c, u, m: self.messages.put((m.topic, bytes(m.payload), bool(m.retain)))
         self._c.on_subscribe = self._on_subscribe
 
     def _on_connect(self, c: mqtt.Client, u: object, flags: object, rc: ReasonCode, props: Properties | None) -> None:
@@ -77,6 +77,7 @@ class Client:
 
     def subscribe(self, topic: str, timeout: float = 10) -> list[ReasonCode]:
         _, mid = self._c.subscribe(topic, qos=1)
+        assert mid is not None
         with self._acked:
             ok = self._acked.wait_for(lambda: mid in self._subacks, timeout)
         assert ok, f"no SUBACK for {topic}"

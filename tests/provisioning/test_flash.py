@@ -28,7 +28,7 @@ def make_image(path: Path, cls: type = ESP32FirmwareImage) -> Path:
     segs = []
     for addr, data, name in ((0x3FFB0000, os.urandom(2048), ".dram0.data"), (0x40080000, os.urandom(30000), ".iram0.text")):
         s = ImageSegment(addr, data)
-        s.name = name
+        s.name = name  # type: ignore[attr-defined]  # save() reads it; the class does not declare it
         segs.append(s)
     img.segments = segs
     img.append_digest = True
