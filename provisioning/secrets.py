@@ -60,8 +60,10 @@ class SecretStore:
         try:
             st = p.stat()
         except FileNotFoundError:
-            raise SecretError(f"secret {ref!r} not found in {self.root}; create it with `twinedge node add` "
-                              f"or `twinedge broker secret {ref}`") from None
+            kind, name = ref.split("/", 1)
+            how = (f"`twinedge node wifi {name} --ssid NAME`" if kind == "wifi"
+                   else "`twinedge broker render --city CITY --out DIR` (creates missing passwords)")
+            raise SecretError(f"secret {ref!r} not found in {self.root}; create it with {how}") from None
         if st.st_mode & 0o077:
             raise SecretError(f"{p} is readable by others (mode {st.st_mode & 0o777:o}); run `chmod 600 {p}`")
         try:

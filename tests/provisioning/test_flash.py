@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import shutil
 import socket
 import subprocess
@@ -145,3 +146,22 @@ def test_permission_denied() -> None:
         assert f"permission denied on {port}: add yourself to the dialout group" in p.stderr
     finally:
         shutil.rmtree(work)
+
+
+def test_setup_flashes_then_says_when_no_micropython_answers(esp32: str, reg, tmp_path: Path) -> None:
+    """setup's flash stage with the real esptool; the mock bootloader has no REPL, so install stops there."""
+    reg.store.ensure_mqtt("ops-copenhagen")
+    img = make_image(tmp_path / "fw.bin")
+    p = subprocess.run([sys.executable, "-m", "twinedge.cli", "node", "setup", "buoy-a", "--port", esp32, "--firmware", str(img)],
+                       capture_output=True, text=True, timeout=120, cwd=REPO,
+                       env={**os.environ, **reg.env(), "COLUMNS": "120", "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert re.search(r"flash\s+━+\s+100\.0%", p.stdout), p.stdout
+    assert f"no MicroPython REPL on {esp32}" in p.stderr
+
+
+def test_setup_without_ops_credential_says_how_to_create_it(reg, tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "twinedge.cli", "node", "setup", "buoy-a", "--port", "/dev/null", "--no-flash"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, **reg.env()})
+    assert p.returncode == 2
+    assert "secret 'mqtt/ops-copenhagen' not found" in p.stderr and "twinedge broker render --city CITY" in p.stderr
