@@ -54,12 +54,19 @@ class InfluxWatcher:
                 pass
         for city in self.stack.cities:
             pts = self.stack.points(city)
+            if pts is None:
+                continue  # InfluxDB down: keep what was last seen
             now = time.time()
+            fresh = {}
+            for p in pts:
+                key = (str(p.get("node")), p["_measurement"], int(p["time"]))
+                fresh[key] = p
             with self._lock:
-                for p in pts:
-                    key = (str(p.get("node")), p["_measurement"], int(p["time"]))
+                for key in fresh:
                     self.first_seen.setdefault(key, now)
-                    self.rows[key] = p
+                # the city's rows are what InfluxDB holds now (a deleted point disappears)
+                self.rows = {k: v for k, v in self.rows.items() if v.get("city") != city and k not in fresh}
+                self.rows.update(fresh)
 
     def _run(self) -> None:
         while not self._stop.wait(POLL_S):

@@ -69,7 +69,7 @@ def run(
 
     from hil_tests.rig.scenarios import SCENARIOS
 
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     unknown = [s for s in scenario or [] if s not in SCENARIOS]
     if unknown:
         console.print(f"[red]unknown scenario {unknown[0]!r}[/]: choose from {', '.join(SCENARIOS)} (`twinedge hil list`)")
@@ -101,18 +101,20 @@ def run(
         raise typer.Exit(2)
 
     table = Table(title=f"TwinEdge HIL — {'real boards ' + ', '.join(board) if board else 'emulated boards'}")
-    for h in ("scenario", "verdict", "taken", "landed", "dup", "lost", "dropped", "p50", "p99", "recovery", "notes"):
-        table.add_column(h, justify="right" if h not in ("scenario", "verdict", "notes") else "left")
+    for h in ("scenario", "verdict", "taken", "landed", "dup", "lost", "dropped", "p50", "p99", "recovery"):
+        table.add_column(h, justify="right" if h not in ("scenario", "verdict") else "left", no_wrap=True)
     colour = {"pass": "green", "fail": "red", "error": "red", "skip": "yellow"}
     rows = [col.rows[n] for n in SCENARIOS if n in col.rows]
     for r in rows:
         v = r["verdict"]
-        note = "; ".join((r.get("problems") or [])[:2] if v in ("fail", "error") else (r.get("notes") or [])[:1])
         table.add_row(r["scenario"], f"[{colour[v]}]{v}[/]", _fmt(r.get("taken")), _fmt(r.get("landed")),
                       _fmt(r.get("duplicated")), _fmt(r.get("lost")), _fmt(r.get("dropped")),
-                      _fmt(r.get("p50_ms"), " ms"), _fmt(r.get("p99_ms"), " ms"), _fmt(r.get("recovery_s"), " s"),
-                      note[:90])
+                      _fmt(r.get("p50_ms"), " ms"), _fmt(r.get("p99_ms"), " ms"), _fmt(r.get("recovery_s"), " s"))
     console.print(table)
+    for r in rows:  # why a scenario failed or was skipped, one line each
+        if r["verdict"] != "pass":
+            why = (r.get("problems") or r.get("notes") or [""])[0]
+            console.print(f"  {r['scenario']}: {r['verdict']}: {why}")
     doc = {"backend": "real" if board else "emulated", "boards": board or [], "nodes": nodes,
            "wall_s": round(took, 1), "scenarios": rows}
     report.write_text(json.dumps(doc, indent=2))

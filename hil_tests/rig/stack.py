@@ -133,13 +133,14 @@ class Stack:
             self.influx.stop()
 
     # -- InfluxDB --------------------------------------------------------------------------
-    def points(self, city: str) -> list[dict[str, Any]]:
-        """Every reading point of a city's database (time in s, tags and fields as columns)."""
+    def points(self, city: str) -> list[dict[str, Any]] | None:
+        """Every reading point of a city's database (time in s, tags and fields as columns);
+        None while InfluxDB does not answer."""
         assert self.influx is not None
         try:
             res = self.influx.query('SELECT * FROM "marine","mobility"', db=f"twin_{city}")
         except (urllib.error.URLError, OSError, ValueError):
-            return []
+            return None
         out = []
         for r in res.get("results", [{}]):
             for s in r.get("series", []) or []:
