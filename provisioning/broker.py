@@ -4,7 +4,8 @@ Accounts of a city broker:
 - one per node (username = node id): publish only its own `up`/`status`, read only its own
   `cfg`/`cmd` — exact topics with its registered city and domain, so a node cannot even
   pose as itself under another domain;
-- `gateway-<city>`: read every node's `up`/`status` in the city, write `cfg`/`cmd`;
+- `gateway-<city>`: read every node's `up`/`status` in the city, write `cfg`/`cmd`; receive
+  the partner's mirror batches and reconciliation requests, answer with acks;
 - `ops-<city>`: the technician tools (`node verify`, `node calibrate`): same as the gateway,
   kept separate so a technician laptop never holds the gateway's password;
 - `partner-<partner city>`: read/write only the mirror topics (`mirror/<city>/#` by default,
@@ -79,8 +80,13 @@ def accounts_for(city: City, nodes: list[Node]) -> list[Account]:
                 ("read", f"twin/{c}/+/+/status"),
                 ("write", f"twin/{c}/+/+/cfg"),
                 ("write", f"twin/{c}/+/+/cmd"),
+                # Receiving side of the partner mirror (docs/mirroring.md): batches and reconciliation in, acks out.
+                ("read", f"mirror/{c}/+/batch"),
+                ("read", f"mirror/{c}/+/recon"),
+                ("write", f"mirror/{c}/+/ack"),
+                ("write", f"mirror/{c}/+/recon_reply"),
             ),
-            "city gateway: ingests readings and status, publishes config and commands",
+            "city gateway: ingests readings and status, publishes config and commands, receives partner batches",
         ),
         Account(
             f"ops-{c}",
