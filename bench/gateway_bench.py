@@ -266,10 +266,37 @@ def backlog_rss(broker: Mosquitto, influx: Influxd, work: Path, n_readings: int)
             "drain_s": t_end - t0, "drain_rate": total / (t_end - t0), "drain_rss_peak_mb": drain_rss}
 
 
+def scaleout(broker: Mosquitto, influx: Influxd, work: Path, msgs_per_node: int) -> dict[str, float]:
+    """One city, 200 nodes, 50 readings/message: one gateway vs two on a shared subscription."""
+    out: dict[str, float] = {}
+    for instances in (1, 2):
+        db = f"bench_share_{instances}"
+        influx.create_db(db)
+        gws = [GatewayProcess(work / db, CITIES[0], broker.port, influx.url, database=db, instance=f"gw{i}",
+                              extra={"stats_interval_s": 10.0, "mqtt": {"protocol": 5, "share_group": "gw",
+                                                                        "subscribe_status": False}}).start()
+               for i in range(instances)]
+        payloads = build_payloads(CITIES[0], 200, msgs_per_node, 50, int(time.time()) - 20 * 86400)
+        n = len(payloads) * 50
+        load = LoadGenerator(broker.port, [payloads[: len(payloads) // 2], payloads[len(payloads) // 2:]],
+                             tag=f"share{instances}")
+        cpu0 = [cpu_seconds(g.proc.pid) for g in gws if g.proc]
+        t0 = load.start()
+        load.join()
+        t1 = wait_points(influx, db, n)
+        cpu = [cpu_seconds(g.proc.pid) - c for g, c in zip(gws, cpu0) if g.proc]
+        out[f"{instances}_instances_readings_per_s"] = n / (t1 - t0)
+        out[f"{instances}_instances_cpu_us_per_reading"] = sum(cpu) / n * 1e6
+        for g in gws:
+            g.stop()
+        influx.query(f'DROP DATABASE "{db}"', method="POST")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller workloads (~3 min)")
-    ap.add_argument("--only", choices=["throughput", "latency", "backlog"], help="run one part")
+    ap.add_argument("--only", choices=["throughput", "latency", "backlog", "scaleout"], help="run one part")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--mode", type=int, choices=[1, 2], help="throughput: only (1) or (2)")
     args = ap.parse_args()
@@ -309,6 +336,13 @@ def main() -> None:
                       f"{r['drain_rate']:,.0f} readings/s (peak RSS while draining {r['drain_rss_peak_mb']:.0f} MB)",
                       flush=True)
                 results["backlog"] = r
+            if args.only in (None, "scaleout"):
+                r = scaleout(broker, influx, work, 20 if q else 50)
+                print(f"scale-out, one city, 50 readings/message: 1 instance {r['1_instances_readings_per_s']:,.0f} "
+                      f"readings/s ({r['1_instances_cpu_us_per_reading']:.1f} µs CPU/reading); 2 instances on "
+                      f"$share/gw: {r['2_instances_readings_per_s']:,.0f} readings/s "
+                      f"({r['2_instances_cpu_us_per_reading']:.1f} µs CPU/reading)", flush=True)
+                results["scaleout"] = r
         finally:
             broker.stop()
             influx.stop()

@@ -34,15 +34,15 @@ class _Strict(BaseModel):
 
 class MqttConfig(_Strict):
     host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
-    client_id: str = Field("", description="fixed id for the persistent session; default twinedge-gw-<city>-<instance>")
+    port: int = Field(default=1883, ge=1, le=65535)
+    client_id: str = Field(default="", description="fixed id for the persistent session; default twinedge-gw-<city>-<instance>")
     username: str = ""
     password: SecretStr = SecretStr("")
-    protocol: Literal[4, 5] = Field(4, description="4 = MQTT 3.1.1 (measured cheaper per message in paho), 5 = MQTT 5")
-    share_group: str = Field("", description="MQTT v5 shared subscription group; instances with the same group split the load")
-    keepalive_s: int = Field(30, ge=5, le=3600)
-    receive_maximum: int = Field(1000, ge=10, le=65535, description="unacknowledged messages the broker may send us")
-    session_expiry_s: int = Field(7 * 86400, ge=0)
+    protocol: Literal[4, 5] = Field(default=4, description="4 = MQTT 3.1.1 (measured cheaper per message in paho), 5 = MQTT 5")
+    share_group: str = Field(default="", description="MQTT v5 shared subscription group; instances with the same group split the load")
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    receive_maximum: int = Field(default=1000, ge=10, le=65535, description="unacknowledged messages the broker may send us")
+    session_expiry_s: int = Field(default=7 * 86400, ge=0)
     tls_ca: Path | None = None
     subscribe_status: bool = True
 
@@ -56,7 +56,7 @@ class MqttConfig(_Strict):
 
 class InfluxConfig(_Strict):
     url: str = "http://127.0.0.1:8086"
-    api: Literal["v1", "v2"] = Field("v1", description="v1 = /write (1.x and v1-compat of 2.x/3.x); v2 = /api/v2/write")
+    api: Literal["v1", "v2"] = Field(default="v1", description="v1 = /write (1.x and v1-compat of 2.x/3.x); v2 = /api/v2/write")
     database: str = "twinedge"
     retention_policy: str = ""
     username: str = ""
@@ -64,13 +64,13 @@ class InfluxConfig(_Strict):
     org: str = ""
     bucket: str = ""
     token: SecretStr = SecretStr("")
-    batch_points: int = Field(5000, ge=1, le=100_000)
-    flush_interval_s: float = Field(0.2, gt=0, le=60)
-    timeout_s: float = Field(10.0, gt=0, le=300)
+    batch_points: int = Field(default=5000, ge=1, le=100_000)
+    flush_interval_s: float = Field(default=0.2, gt=0, le=60)
+    timeout_s: float = Field(default=10.0, gt=0, le=300)
     gzip: bool = True
-    create_database: bool = Field(True, description="v1 only: CREATE DATABASE at start")
-    max_backoff_s: float = Field(30.0, gt=0, le=3600)
-    connections: int = Field(1, ge=1, le=8, description="parallel write requests")
+    create_database: bool = Field(default=True, description="v1 only: CREATE DATABASE at start")
+    max_backoff_s: float = Field(default=30.0, gt=0, le=3600)
+    connections: int = Field(default=1, ge=1, le=8, description="parallel write requests")
 
     @field_validator("url")
     @classmethod
@@ -96,15 +96,15 @@ class AlarmBand(_Strict):
 
 
 class LogConfig(_Strict):
-    max_bytes: int = Field(2 * 1024**3, ge=1024 * 1024, description="disk bound of the durable log; when reached the gateway stops acknowledging")
-    segment_bytes: int = Field(64 * 1024**2, ge=64 * 1024)
-    fsync: bool = Field(True, description="never turn off in production: PUBACK promises durability")
+    max_bytes: int = Field(default=2 * 1024**3, ge=1024 * 1024, description="disk bound of the durable log; when reached the gateway stops acknowledging")
+    segment_bytes: int = Field(default=64 * 1024**2, ge=64 * 1024)
+    fsync: bool = Field(default=True, description="never turn off in production: PUBACK promises durability")
 
 
 class LimitsConfig(_Strict):
-    max_payload_bytes: int = Field(16384, ge=64, le=1024 * 1024)
-    max_future_s: int = Field(300, ge=0)
-    backfill_horizon_s: int = Field(30 * 86400, ge=60)
+    max_payload_bytes: int = Field(default=16384, ge=64, le=1024 * 1024)
+    max_future_s: int = Field(default=300, ge=0)
+    backfill_horizon_s: int = Field(default=30 * 86400, ge=60)
 
     def to_limits(self) -> Limits:
         return Limits(self.max_payload_bytes, self.max_future_s, self.backfill_horizon_s)
@@ -112,7 +112,7 @@ class LimitsConfig(_Strict):
 
 class HttpConfig(_Strict):
     host: str = "127.0.0.1"
-    port: int = Field(9108, ge=0, le=65535, description="0 = pick a free port (written to <data_dir>/http.port)")
+    port: int = Field(default=9108, ge=0, le=65535, description="0 = pick a free port (written to <data_dir>/http.port)")
     enabled: bool = True
 
 
@@ -120,18 +120,18 @@ class GatewayConfig(_Strict):
     city: str
     instance: str = "gw1"
     data_dir: Path
-    registry: Path | None = Field(None, description="node registry folder (twinedge node add); enables site tags")
-    require_registration: bool = Field(False, description="dead-letter readings from nodes not in the registry")
-    stats_interval_s: float = Field(10.0, gt=0)
-    drain_timeout_s: float = Field(10.0, ge=0)
-    ingest_batch: int = Field(2000, ge=1, description="messages made durable per fsync at most")
-    ingest_batch_bytes: int = Field(128 * 1024, ge=1024, description="payload bytes per fsync at most (bounds memory)")
-    mqtt: MqttConfig = MqttConfig()
-    influx: InfluxConfig = InfluxConfig()
-    log: LogConfig = LogConfig()
-    limits: LimitsConfig = LimitsConfig()
-    http: HttpConfig = HttpConfig()
-    mirror: dict[str, Any] | None = Field(None, description="partner mirroring, see docs/mirroring.md")
+    registry: Path | None = Field(default=None, description="node registry folder (twinedge node add); enables site tags")
+    require_registration: bool = Field(default=False, description="dead-letter readings from nodes not in the registry")
+    stats_interval_s: float = Field(default=10.0, gt=0)
+    drain_timeout_s: float = Field(default=10.0, ge=0)
+    ingest_batch: int = Field(default=2000, ge=1, description="messages made durable per fsync at most")
+    ingest_batch_bytes: int = Field(default=128 * 1024, ge=1024, description="payload bytes per fsync at most (bounds memory)")
+    mqtt: MqttConfig = Field(default_factory=lambda: MqttConfig())
+    influx: InfluxConfig = Field(default_factory=lambda: InfluxConfig())
+    log: LogConfig = Field(default_factory=lambda: LogConfig())
+    limits: LimitsConfig = Field(default_factory=lambda: LimitsConfig())
+    http: HttpConfig = Field(default_factory=lambda: HttpConfig())
+    mirror: dict[str, Any] | None = Field(default=None, description="partner mirroring, see docs/mirroring.md")
     alarms: dict[str, dict[str, AlarmBand]] = Field(
         default_factory=lambda: {d: {f: AlarmBand(lo=lo, hi=hi) for f, (lo, hi) in b.items()}
                                  for d, b in DEFAULT_BANDS.items()},

@@ -230,10 +230,11 @@ def _decode_senml(t: Topic, payload: bytes, now: int, limits: Limits) -> Decoded
         if "u" in rec and rec["u"] != f.senml_unit:
             rejected.append(ReadingRejection(idx, "unit", f"{name} unit {rec['u']!r}, expected {f.senml_unit!r}", _safe(rec)))
             continue
-        v = rec.get("v")
-        if not _is_number(v):
+        raw_v = rec.get("v")
+        if not isinstance(raw_v, (int, float)) or isinstance(raw_v, bool):
             rejected.append(ReadingRejection(idx, "format", f"{name} needs a numeric v", _safe(rec)))
             continue
+        v: float | int = raw_v
         if not math.isfinite(v) or not math.isfinite(float(tt)):
             rejected.append(ReadingRejection(idx, "not_finite", f"{name} value or time is not finite", _safe(rec)))
             continue

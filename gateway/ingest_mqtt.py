@@ -27,6 +27,8 @@ from collections import deque
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
@@ -68,7 +70,7 @@ class MqttIngest:
         self._stopping = False
         v5 = cfg.protocol == 5
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else False,
@@ -88,7 +90,7 @@ class MqttIngest:
         self.subscribed = asyncio.Event()
 
     # -- paho thread ----------------------------------------------------------------
-    def _on_connect(self, client: mqtt.Client, _ud: object, flags: mqtt.ConnectFlags, rc: mqtt.ReasonCode, _p: object) -> None:
+    def _on_connect(self, client: mqtt.Client, _ud: object, flags: mqtt.ConnectFlags, rc: ReasonCode, _p: object) -> None:
         if rc.is_failure:
             self.last_error = f"broker refused connection: {rc}"
             log.warning("mqtt connect refused", extra={"reason": str(rc)})
@@ -104,14 +106,14 @@ class MqttIngest:
         client.subscribe(subs)
         log.info("mqtt connected", extra={"session_present": flags.session_present, "subscriptions": [s for s, _ in subs]})
 
-    def _on_subscribe(self, _c: mqtt.Client, _ud: object, _mid: int, rcs: list[mqtt.ReasonCode], _p: object) -> None:
+    def _on_subscribe(self, _c: mqtt.Client, _ud: object, _mid: int, rcs: list[ReasonCode], _p: object) -> None:
         bad = [str(rc) for rc in rcs if rc.is_failure]
         if bad:
             self.last_error = f"subscription refused by broker: {', '.join(bad)} (check the gateway's ACL)"
             log.error("mqtt subscribe refused", extra={"reasons": bad})
         self.loop.call_soon_threadsafe(self.subscribed.set)
 
-    def _on_disconnect(self, _c: mqtt.Client, _ud: object, _f: object, rc: mqtt.ReasonCode, _p: object) -> None:
+    def _on_disconnect(self, _c: mqtt.Client, _ud: object, _f: object, rc: ReasonCode, _p: object) -> None:
         self.connected = False
         if not self._stopping:
             self.last_error = f"disconnected from broker ({rc}); reconnecting"
@@ -122,7 +124,7 @@ class MqttIngest:
         was_empty = not q
         self.received_count += 1
         self.queue_bytes += len(msg.payload)
-        q.append(Inbound(msg.topic, msg.payload, msg.mid, msg.qos, self._generation, time.time(), bool(msg.retain)))
+        q.append(Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._generation, time.time(), bool(msg.retain)))
         if was_empty:
             self.loop.call_soon_threadsafe(self.wakeup.set)
         if len(q) >= self.high_water or self.queue_bytes >= self.high_water_bytes:

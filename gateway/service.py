@@ -331,7 +331,7 @@ class Gateway:
         sink_tasks = [asyncio.create_task(s.run(), name=f"sink-{s.name}") for s in self.sinks]
         ingest = asyncio.create_task(self._ingest(self.mqtt), name="ingest")
         stats = asyncio.create_task(self._stats(), name="stats")
-        extra_tasks = [asyncio.create_task(c, name=f"stage-{i}") for i, c in enumerate(extra_stages)]
+        extra_tasks = [asyncio.ensure_future(c) for c in extra_stages]
         all_tasks = [ingest, stats, *sink_tasks, *extra_tasks]
         done, _ = await asyncio.wait([*all_tasks, asyncio.ensure_future(self.stopping.wait())],
                                      return_when=asyncio.FIRST_COMPLETED)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.decode import encode_compact
 from gateway.schema import MARINE, MOBILITY
@@ -79,7 +80,7 @@ class DemoCity:
             prefix = "buoy" if domain == "marine" else "count"
             self.nodes.append(SyntheticNode(self.name, domain, f"{prefix}-{i + 1:02d}",
                                             random.Random(rng.random()), rng.random()))
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"demo-nodes-{self.name}")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"demo-nodes-{self.name}")
         self.client.max_queued_messages_set(0)
         self.client.connect("127.0.0.1", self.broker.port)
         self.client.loop_start()
