@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 
@@ -21,7 +22,7 @@ def _params() -> list[object]:
 
 
 @pytest.mark.parametrize("name", _params())
-def test_scenario(name: str, board: Rig, record_property: pytest.RecordProperty) -> None:
+def test_scenario(name: str, board: Rig, record_property: Callable[[str, object], None]) -> None:
     f = SCENARIOS[name].run(board)
     # figures go into the JUnit XML (and to the `twinedge hil run` report via user_properties)
     record_property("hil_figures", json.dumps(f.to_json()))
