@@ -5,6 +5,11 @@ SQLite in WAL mode, one transaction per flushed batch, holding together:
   (pending / acknowledged / rejected),
 - which (measurement, node, hour) keys it covers (for digests and replay),
 - the aggregation bins' running state, and the last durable-log offset applied.
+Digests: the packer feeds each (measurement, node, hour)'s running digest (KeyDigest) with
+the rows it commits, so reconciliation does not re-read the archive. A running digest is
+trusted only if this process saw the key from its first batch and every time in order;
+otherwise (restart, late or duplicate times, replays, re-sent aggregation bins) the key is
+recomputed from the archive with last-write-wins, like InfluxDB.
 The durable log deletes consumed segments, so replay after an acknowledgement must come
 from here; `retention_h` bounds it. Because the applied offset commits in the same
 transaction as the batch, a crash between this commit and the log-cursor commit never
@@ -17,12 +22,12 @@ import json
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.mirror_wire import Point, decode_body, digest, point_hash, split_batch
+from gateway.mirror_wire import KeyDigest, Point, Segment, Spec, canon_row, decode_body, digest_points, split_batch
 
 PENDING, ACKED, REJECTED = 0, 1, 2
 
@@ -92,6 +97,7 @@ class Archive:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        self.running: dict[tuple[str, str, int], KeyDigest] = {}
         if self.meta("epoch") is None:
             # Batch ids are "<epoch>-<n>": a re-created archive never reuses an id the partner has seen.
             self.set_meta("epoch", secrets.token_hex(4))
@@ -123,21 +129,26 @@ class Archive:
         return int(n) if e == epoch and n.isdigit() else None
 
     # -- packer ---------------------------------------------------------------------------
-    def commit_batch(self, batch_id: int | None, msg: bytes | None, points: list[Point], first_a: float,
+    def commit_batch(self, batch_id: int | None, msg: bytes | None, segments: list[Segment], first_a: float,
                      replay: bool, applied_offset: int | None, agg_rows: list[tuple[str, str, int, str, str, int]]) -> None:
-        """One transaction: the batch, its keys, dirty digests, aggregation state, applied offset."""
+        """One transaction: the batch, its keys, dirty digests, aggregation state, applied offset.
+        Then the running digests are fed (they are only trusted from a key's first batch on)."""
+        keys = list(dict.fromkeys(s.key for s in segments if s.ts))
+        fresh = {}
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             if msg is not None and batch_id is not None:
                 self.db.execute(
                     "INSERT INTO batch(id, created, first_a, points, bytes, replay, msg) VALUES (?,?,?,?,?,?,?)",
-                    (batch_id, time.time(), first_a, len(points), len(msg), int(replay), msg))
-                keys = {(p.m, p.node, p.t - p.t % 3600) for p in points}
+                    (batch_id, time.time(), first_a, sum(len(s.ts) for s in segments), len(msg), int(replay), msg))
                 self.db.executemany("INSERT INTO batch_key(batch_id, m, node, hour) VALUES (?,?,?,?)",
                                     [(batch_id, *k) for k in keys])
+                for k in keys:
+                    if k not in self.running:
+                        fresh[k] = self.db.execute("SELECT 1 FROM digest WHERE m = ? AND node = ? AND hour = ?", k).fetchone() is None
                 self.db.executemany(
                     "INSERT INTO digest(m, node, hour) VALUES (?,?,?) ON CONFLICT(m, node, hour) DO UPDATE SET dirty = 1",
-                    list(keys))
+                    keys)
             if agg_rows:
                 self.db.executemany(
                     "INSERT INTO agg(m, node, bin, tags, state, dirty) VALUES (?,?,?,?,?,?) "
@@ -146,6 +157,12 @@ class Archive:
             if applied_offset is not None:
                 self.db.execute("INSERT INTO meta(k, v) VALUES ('applied_offset', ?) "
                                 "ON CONFLICT(k) DO UPDATE SET v = excluded.v", (str(applied_offset),))
+        if msg is None or batch_id is None:
+            return
+        for k, ok in fresh.items():
+            self.running[k] = KeyDigest(valid=ok)
+        for seg in segments:
+            self.running[seg.key].feed(seg.ts, seg.canon if seg.canon is not None else seg.rows, seg.ordered)
 
     def agg_load(self, m: str, node: str, bin_t: int) -> tuple[dict[str, str], dict[str, list[float]]] | None:
         row = self.db.execute("SELECT tags, state FROM agg WHERE m = ? AND node = ? AND bin = ?", (m, node, bin_t)).fetchone()
@@ -209,19 +226,25 @@ class Archive:
                         out[p.t] = Point(p.m, dict(p.tags), p.t, dict(p.fields), p.seq)
         return out
 
-    def refresh_digests(self, settled_before: float) -> int:
-        """Recompute dirty digests of hours that ended before `settled_before`. Returns how many."""
-        busy = self.key_has_pending()  # recomputed once their batches are acknowledged
+    def refresh_digests(self, settled_before: float, spec_for: Callable[[str], Spec | None]) -> int:
+        """Finish dirty digests of hours that ended before `settled_before`. Returns how many."""
+        busy = self.key_has_pending()  # finished once their batches are acknowledged
         rows = [r for r in self.db.execute("SELECT m, node, hour FROM digest WHERE dirty = 1 AND hour + 3600 <= ?",
                                            (settled_before,)).fetchall() if (r[0], r[1], int(r[2])) not in busy]
         cache: dict[int, list[Point]] = {}
         updates = []
         for m, node, hour in rows:
-            pts = self.key_points(m, node, hour, cache)
-            n, h = digest({t: point_hash(m, node, t, p.fields) for t, p in pts.items()})
+            key = (m, node, int(hour))
+            run = self.running.pop(key, None)
+            if run is not None and run.valid:
+                n, h = run.result()
+            else:
+                spec = spec_for(m) or ()
+                pts = self.key_points(m, node, hour, cache)
+                n, h = digest_points({t: canon_row(spec, p.fields) for t, p in pts.items()})
+                if len(cache) > 256:
+                    cache.clear()
             updates.append((n, h, m, node, hour))
-            if len(cache) > 256:
-                cache.clear()
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany("UPDATE digest SET count = ?, hash = ?, dirty = 0, matched = 0 "
@@ -251,6 +274,8 @@ class Archive:
         """Forget hours before `cutoff_hour`, and acknowledged batches no key refers to any more."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
+            for k in [k for k in self.running if k[2] < cutoff_hour]:
+                del self.running[k]
             self.db.execute("DELETE FROM batch_key WHERE hour < ?", (cutoff_hour,))
             self.db.execute("DELETE FROM digest WHERE hour < ?", (cutoff_hour,))
             self.db.execute("DELETE FROM agg WHERE bin < ? AND dirty = 0", (cutoff_hour,))

@@ -115,6 +115,13 @@ class ShareRule(_Strict):
                 out[f"{f}_{s}"] = FieldRule.model_validate({}) if s == "count" else rule
         return out
 
+    def canon_spec(self) -> tuple[tuple[str, int | None], ...]:
+        """Output fields in name order with the decimals their values carry (see mirror_wire, canonical text)."""
+        out = []
+        for k, fr in sorted(self.out_fields().items()):
+            out.append((k, fr.round if fr.round is not None else (9 if fr.quantum is not None else None)))
+        return tuple(out)
+
     def site_value(self, site: str) -> str:
         if self.site == "keep":
             return site

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tomli_w
@@ -15,9 +16,10 @@ from typer.testing import CliRunner
 from gateway.config import ConfigError
 from gateway.mirror import validate_mirror_config
 from gateway.mirror_archive import Archive
+from gateway.mirror_wire import segments_from_points
 from gateway.mirror_policy import PolicyError, load_policy, parse_policy
-from gateway.mirror_wire import (Point, WireError, check_manifest, decode_body, digest, encode_batch, point_hash,
-                                 seq_ranges, split_batch)
+from gateway.mirror_wire import (KeyDigest, Point, WireError, canon_row, check_manifest, decode_body, digest_points,
+                                 encode_batch, seq_ranges, split_batch)
 from twinedge.cli import build_app
 
 POLICIES = Path(__file__).resolve().parents[2] / "docs" / "policies"
@@ -37,7 +39,8 @@ def test_batch_round_trip_keeps_every_point(rows: list[tuple[str, int, int, dict
     assert m2 == manifest
     back = decode_body(body)
     check_manifest(manifest, back)
-    want = sorted((p.node, p.t, p.seq, sorted((k, v) for k, v in p.fields.items() if v is not None)) for p in pts)
+    want = sorted((p.node, p.t, p.seq, sorted((k, v) for k, v in p.fields.items() if v is not None)) for p in pts
+                  if any(v is not None for v in p.fields.values()))
     got = sorted((p.node, p.t, p.seq, sorted(p.fields.items())) for p in back)
     assert got == want
 
@@ -57,13 +60,24 @@ def test_broken_hash_and_forged_manifest_are_detected() -> None:
     assert manifest["entries"] == [{"m": "marine", "node": "n-1", "n": 50, "seq": [[1, 50]], "t": [100, 149]}]
 
 
-def test_seq_ranges_and_digest_are_order_independent() -> None:
+def test_seq_ranges_and_digest_canonical_forms() -> None:
     assert seq_ranges([5, 1, 2, 3, 7, 8]) == [[1, 3], [5, 5], [7, 8]]
-    a = {t: point_hash("marine", "n", t, {"ph": 7.0, "x": 3}) for t in range(10)}
-    b = {t: point_hash("marine", "n", t, {"x": 3.0, "ph": 7}) for t in reversed(range(10))}
-    assert digest(a) == digest(b)
-    b[3] = point_hash("marine", "n", 3, {"ph": 7.01, "x": 3})
-    assert digest(a) != digest(b)
+    spec = (("ph", 2), ("temp", 1), ("x", None))
+    # What the sender sent and what InfluxDB gives back (ints for integral floats, any order) digest alike.
+    a = {t: canon_row(spec, {"ph": 7.0, "temp": 15.0, "x": 3.0}) for t in range(10)}
+    b = {t: canon_row(spec, {"x": 3, "temp": 15, "ph": 7}) for t in reversed(range(10))}
+    assert digest_points(a) == digest_points(b)
+    b[3] = canon_row(spec, {"ph": 7.01, "temp": 15.0, "x": 3})
+    assert digest_points(a) != digest_points(b)
+    b[3] = canon_row(spec, {"ph": 7.0, "temp": 15.0, "x": 3, "extra": 1})  # a field we never sent
+    assert digest_points(a) != digest_points(b)
+    # Fed in pieces (any batch boundaries) = computed at once; a repeated time invalidates it.
+    k = KeyDigest()
+    k.feed([0, 1, 2], [a[0], a[1], a[2]])
+    k.feed([3, 4, 5, 6, 7, 8, 9], [a[t] for t in range(3, 10)])
+    assert k.valid and k.result() == digest_points(a)
+    k.feed([9], [a[9]])
+    assert not k.valid
 
 
 def test_example_policies_are_valid_and_transform_as_documented() -> None:
@@ -129,9 +143,9 @@ def test_cli_policy_show_check_and_status(tmp_path: Path) -> None:
     hour = int(time.time()) // 3600 * 3600 - 7200
     pts = [Point("marine", {"city": "copenhagen", "node": "buoy-01"}, hour + i, {"ph": 7.0}, i + 1) for i in range(10)]
     msg, _ = encode_batch({"batch": arch.bid(1)}, pts)
-    arch.commit_batch(1, msg, pts, time.time(), False, 100, [])
+    arch.commit_batch(1, msg, segments_from_points(pts), time.time(), False, 100, [])
     arch.mark([(1, 1, None)])
-    assert arch.refresh_digests(time.time()) == 1
+    assert arch.refresh_digests(time.time(), lambda m: None) == 1
     k = arch.keys(0)[0]
     arch.record_partner([(k.m, k.node, k.hour, 9, "x", False, None)])
     arch.close()
@@ -139,3 +153,50 @@ def test_cli_policy_show_check_and_status(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "holds 90.00%" in r.output and "buoy-01" in r.output
     json.dumps(r.output)
+
+
+row_values = st.one_of(st.floats(-1e6, 1e6, allow_nan=False), st.integers(-10**6, 10**6), st.none(), st.booleans())
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**31), st.dictionaries(
+    st.sampled_from(["ph", "water_temp_c", "do_mgl", "turbidity_ntu", "battery_v"]), row_values)), min_size=1, max_size=8),
+    st.booleans())
+def test_fast_rendering_equals_the_field_rules(rows: list[tuple[int, dict[str, Any]]], homogeneous: bool) -> None:
+    """The per-row %-format path gives exactly what the field rules (FieldRule.apply) give, on the wire and in
+    the canonical digest text; anything it cannot take goes the value-by-value way."""
+    from gateway.mirror import Plan, render_fast, render_slow
+    rule = load_policy(BLUE).rule("marine")
+    assert rule is not None
+    plan = Plan(rule)
+    if homogeneous:  # the common case: every shared field present, one type per field
+        rows = [(t, {k: float(abs(hash((t, k))) % 10**6) / 997 for k in plan.names} | {"battery_v": 3.7}) for t, _f in rows]
+    recs = [[t, f, i + 1, 0] for i, (t, f) in enumerate(rows)]
+    slow_ts, _seqs, slow_texts, slow_canon = render_slow(rule, plan, recs)
+    fast = render_fast(plan, recs)
+    if homogeneous:
+        assert fast is not None
+    if fast is None:
+        return
+    texts, canon = fast
+    assert len(texts) == len(slow_texts) == len(recs)
+    for (t, f), text, ctext, stext, sc in zip(rows, texts, canon or texts, slow_texts, slow_canon):
+        want = {k: rule.fields[k].apply(v) for k, v in f.items() if k in rule.fields and v is not None}
+        got = dict(zip(plan.names, json.loads(text)))
+        assert got == want and [type(got[k]) for k in plan.names] == [type(want[k]) for k in plan.names]
+        assert json.loads(text) == json.loads(stext)
+        assert ctext == sc == canon_row(plan.spec, want)
+
+
+def test_record_feed_hands_over_and_stays_bounded() -> None:
+    from gateway.durable_log import _FRAME
+    from gateway.mirror import LOG_FRAME_OVERHEAD, RecordFeed
+    assert LOG_FRAME_OVERHEAD == _FRAME.size
+    feed = RecordFeed(max_rows=10)
+    frames = [b"x" * 10, b"y" * 20]
+    recs = [{"a": 1.0, "rows": [[1]] * 4}, {"a": 2.0, "rows": [[1]] * 4}]
+    feed.put(100 + 18 + 28, frames, recs)
+    assert feed.take(118) is recs[0] and feed.take(118) is None and feed.take(146) is recs[1]
+    feed.put(200, frames, recs)
+    feed.put(300, frames, recs)  # 16 rows > 10: the oldest go
+    assert feed.take(172) is None and feed.take(300) is recs[1]
