@@ -82,6 +82,7 @@ class Node:
         self.pbuf = bytearray(te_wire.header_size(self.nid) + te_wire.RSIZE * MAX_BATCH)
         self.cursor = self.store.lo  # next seq to send
         self.inflight = {}  # pid -> (seq0, n)
+        self.sent_hi = 0  # first seq never published in this boot
         self.done = {}  # acked ranges waiting for an older one: seq0 -> end
         self.faults = {}
         self.alarm = False
@@ -335,6 +336,8 @@ class Node:
                 self.pub_t[pid] = time.ticks_ms()
             self.inflight[pid] = (seq0, n)
             self.cursor = seq0 + n
+            if self.cursor > self.sent_hi:
+                self.sent_hi = self.cursor
             self.last_batch = time.ticks_ms()
         if self.store.hi == self.cursor:
             self.alarm = False
@@ -495,7 +498,7 @@ class Node:
         if delta is None:
             return False
         if not self.synced:
-            fixed = self.store.fix_time(delta, te_wire.F_UNSYNCED)
+            fixed = self.store.fix_time(delta, te_wire.F_UNSYNCED, self.sent_hi)
             log("clock synced, %d s correction, %d readings re-timed" % (delta, fixed))
         self.synced = True
         self.rtc["sy"] = 1

@@ -150,14 +150,16 @@ class Store:
             self.lo = min(end, self.hi)
             self.save_meta()
 
-    def fix_time(self, delta, flag_mask):
-        # After the first NTP sync: shift the times of this boot's unsent readings taken
-        # with the unsynced clock by `delta` seconds (they keep their UNSYNCED flag).
+    def fix_time(self, delta, flag_mask, start=0):
+        # After the first NTP sync: shift the times of this boot's never-published readings
+        # taken with the unsynced clock by `delta` seconds (they keep their UNSYNCED flag).
+        # Readings from `start` on only: one already on the wire must be resent unchanged,
+        # or its retransmission would land in InfluxDB as a second point.
         self.flush()
         b = self.boot & 0xFFFF
         r = self.one
         n = 0
-        for seq in range(self.lo, self.hi):
+        for seq in range(max(self.lo, start), self.hi):
             pos = (seq % self.cap) * REC
             self.f.seek(pos)
             self.f.readinto(r)
