@@ -26,6 +26,7 @@ from grafana_foundation_sdk.models import geomap as gm
 from grafana_foundation_sdk.models.common import DataSourceRef
 
 from dashboards.influxql import HOME, PARTNER, InfluxQL, Snapshot, ds
+from gateway.alarms import DEFAULT_BANDS
 from gateway.schema import SCHEMAS_BY_DOMAIN
 from provisioning.registry import Node
 
@@ -37,15 +38,8 @@ TIME_FROM = "now-6h"
 # Grafana unit ids for the schema's human units; anything else becomes an explicit suffix.
 UNIT_IDS = {"°C": "celsius", "V": "volt", "km/h": "velocitykmh", "s": "s", "count": "short", "pH": "none"}
 
-# Operational alarm bands (lo, hi) drawn as thresholds. Keep in step with the gateway's [alarms].
-LIMITS: dict[str, tuple[float | None, float | None]] = {
-    "ph": (7.5, 8.6),
-    "do_mgl": (5.0, None),
-    "water_temp_c": (None, 24.0),
-    "salinity_psu": (2.0, 40.0),
-    "turbidity_ntu": (None, 50.0),
-    "battery_v": (3.3, None),
-}
+# Operational alarm bands (lo, hi) drawn as thresholds: the gateway's default [alarms] bands, one source.
+LIMITS: dict[str, tuple[float | None, float | None]] = dict(DEFAULT_BANDS["marine"])
 
 TITLES = {
     "ph": "pH",
