@@ -1,153 +1,188 @@
-"""The `twinedge demo` command: start the local twin-city stack and show what flows."""
+"""The `twinedge demo` command: start two partner cities, show them live, account for every reading."""
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import sys
-import threading
 import time
+import traceback
 from pathlib import Path
+from types import FrameType
 
 import typer
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from twinedge.demo import DOMAIN_OF, DemoCity, run_sampler
+from twinedge.demo import DemoConfig, DemoError, TwinDemo, check_tools, lock_workdir
+from twinedge.demo_provision import ProvisionError
+from twinedge.demo_view import LiveState, grafana_lines, headless_line, live_view, summary_table, where_lines
 from twinedge.services import ServiceError
 
-console = Console()
-INFLUX_LAG = 'twinedge_sink_lag_seconds{sink="influx"}'
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 
 
-def _sum(metrics: dict[str, float], prefix: str) -> float:
-    return sum(v for k, v in metrics.items() if k.startswith(prefix))
-
-
-def _table(cities: list[DemoCity], rates: dict[str, float], started: float) -> Table:
-    t = Table(title=f"TwinEdge local demo — {time.time() - started:,.0f} s (Ctrl-C to stop)")
-    for col in ("city", "nodes online", "readings/s", "published", "accepted", "InfluxDB lag", "dead letters",
-                "log", "health"):
-        t.add_column(col, justify="right" if col not in ("city", "health") else "left")
-    for c in cities:
-        assert c.gateway is not None
-        m = c.gateway.metrics()
-        now = time.time()
-        online = sum(1 for k, v in m.items() if k.startswith("twinedge_node_last_seen_timestamp") and now - v < 120)
-        code, text = c.gateway.health()
-        t.add_row(c.name, f"{online}/{len(c.nodes)}", f"{rates.get(c.name, 0):,.0f}", f"{c.published:,}",
-                  f"{_sum(m, 'twinedge_readings_accepted_total'):,.0f}",
-                  f"{m.get(INFLUX_LAG, 0):.1f} s",
-                  f"{_sum(m, 'twinedge_dead_letters_total'):,.0f}",
-                  f"{m.get('twinedge_log_bytes', 0) / 1e6:.1f} MB",
-                  "[green]ok[/green]" if code == 200 else f"[red]{text.strip()[:40]}[/red]")
-    return t
+def _interrupt(_sig: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends the demo the same way as Ctrl-C
 
 
 def demo(
-    cities: str = typer.Option("copenhagen,tongyeong", help="the twin pair, comma-separated (any two names)"),
-    nodes: int = typer.Option(6, min=1, max=500, help="simulated nodes per city"),
-    duration: float = typer.Option(0, help="seconds to run; 0 = until Ctrl-C"),
-    interval: int = typer.Option(2, min=1, help="seconds between samples on every node"),
-    batch: int = typer.Option(5, min=1, max=255, help="readings per MQTT message"),
-    seed: int = typer.Option(1, help="seed of the simulated signals and faults"),
-    workdir: Path = typer.Option(None, help="where the services keep their data (default: ./var/demo-<time>)"),
+    cities: str = typer.Option("copenhagen,tongyeong", help="the twin pair, comma-separated (any two city names)"),
+    nodes: int = typer.Option(6, min=2, max=16, help="emulated nodes per city (buoys and traffic counters alternate)"),
+    duration: float = typer.Option(0, min=0, help="seconds to run once everything reports; 0 = until Ctrl-C"),
+    seed: int = typer.Option(1, help="seed of the simulated world (signals, probe faults, events)"),
+    interval: int = typer.Option(2, min=1, max=60, help="the nodes' sample interval, seconds (node config interval_s)"),
+    batch: int = typer.Option(5, min=1, max=50, help="readings per MQTT message (node config batch)"),
+    world_speed: float = typer.Option(120.0, min=1.0, max=3600.0,
+                                      help="how much faster the simulated world's clock runs (120: a day in 12 minutes)"),
+    workdir: Path = typer.Option(None, help="where everything keeps its data (default: ./var/demo-<date>-<time>)"),
 ) -> None:
-    """Run a local twin-city stack: per city a Mosquitto, an InfluxDB, a gateway and simulated nodes.
+    """Run two partner cities on this machine and watch them exchange live sensor data.
 
-    Example: twinedge demo --cities helsinki,amsterdam --nodes 10 --duration 60
+    Per city: Mosquitto with the password/ACL files `twinedge broker render` writes, an InfluxDB,
+    a gateway mirroring to the partner under the partnership policy, and emulated ESP32 buoys
+    and traffic counters running the real firmware, registered and installed with the
+    provisioning commands. Dashboards and Grafana provisioning are built for both cities.
+    Ctrl-C (or --duration) drains the nodes, checks every reading landed, stops every
+    process and says where the data lives.
 
-    Everything listens on free loopback ports and keeps its data under --workdir, so two
-    demos can run side by side. Ctrl-C stops every process it started.
+    Examples:
+      twinedge demo
+      twinedge demo --cities helsinki,amsterdam --nodes 8 --duration 300 --seed 7
     """
+    console = Console(highlight=False, file=sys.stdout)
     names = [c.strip().lower() for c in cities.split(",") if c.strip()]
     if len(names) != 2 or names[0] == names[1]:
         console.print("[red]error:[/red] --cities needs two different names, e.g. copenhagen,tongyeong")
         raise typer.Exit(2)
-    workdir = workdir or Path("var") / time.strftime("demo-%Y%m%d-%H%M%S")
-    workdir = workdir.resolve()
-    domains = [[DOMAIN_OF[n]] if n in DOMAIN_OF else ["marine", "mobility"] for n in names]
-    city_objs = [DemoCity(n, d, workdir / n) for n, d in zip(names, domains)]
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    started = time.time()
+    bad = [n for n in names if not NAME_RE.match(n)]
+    if bad:
+        console.print(f"[red]error:[/red] --cities: {bad[0]!r} is not a city name; use lowercase letters, digits "
+                      "and '-', starting with a letter (e.g. helsinki,amsterdam)")
+        raise typer.Exit(2)
     try:
-        with console.status("starting services…"):
-            for c in city_objs:
-                c.start(nodes, seed)
-                console.print(f"  {c.name}: mosquitto 127.0.0.1:{c.broker.port if c.broker else 0}, "
-                              f"influxdb {c.influx.url if c.influx else ''}, gateway /metrics on "
-                              f"127.0.0.1:{c.gateway.http_port if c.gateway else 0}", highlight=False)
-        sampler = threading.Thread(target=run_sampler, args=(city_objs, interval, batch, stop), daemon=True)
-        sampler.start()
-        last = {c.name: 0.0 for c in city_objs}
-        rates: dict[str, float] = {}
-        last_t = time.time()
-        interactive = sys.stdout.isatty()
-        with Live(_table(city_objs, rates, started), console=console, refresh_per_second=2,
-                  auto_refresh=False, transient=False) if interactive else _NullLive() as live:
-            while not stop.is_set() and (not duration or time.time() - started < duration):
-                stop.wait(1.0)
-                now = time.time()
-                for c in city_objs:
-                    assert c.gateway is not None
-                    acc = _sum(c.gateway.metrics(), "twinedge_readings_accepted_total")
-                    rates[c.name] = (acc - last[c.name]) / max(1e-6, now - last_t)
-                    last[c.name] = acc
-                last_t = now
-                if interactive:
-                    live.update(_table(city_objs, rates, started), refresh=True)
-                elif int(now - started) % 10 == 0:
-                    console.print(_table(city_objs, rates, started))
-    except ServiceError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        for c in city_objs:
-            c.stop()
-        raise typer.Exit(2) from None
+        check_tools()
+    except DemoError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(e.code) from None
+    if workdir is None:
+        workdir = Path("var") / time.strftime("demo-%Y%m%d-%H%M%S")
+        if workdir.exists():
+            workdir = workdir.with_name(f"{workdir.name}-{os.getpid()}")
+    workdir = workdir.resolve()
+    try:
+        lock_fd = lock_workdir(workdir)
+    except DemoError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(e.code) from None
+    signal.signal(signal.SIGTERM, _interrupt)
+    cfg = DemoConfig((names[0], names[1]), nodes, interval, batch, seed, world_speed, workdir)
+    d = TwinDemo(cfg, say=lambda s: console.print(f"[green]✓[/green] {s}"))
+    code = 0
+    try:
+        code = _run(console, d, duration)
+    finally:
+        d.stop()
+        os.close(lock_fd)
+    raise typer.Exit(code)
+
+
+def _run(console: Console, d: TwinDemo, duration: float) -> int:
+    console.print(f"TwinEdge demo: {d.cfg.cities[0]} ⇄ {d.cfg.cities[1]}, {d.cfg.nodes} nodes per city, "
+                  f"seed {d.cfg.seed}, data in {d.workdir}")
+    try:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=True) as progress:
+            task = progress.add_task("starting", total=None)
+
+            def on_progress(what: str, k: int, n: int) -> None:
+                progress.update(task, description=what, completed=k, total=n or None)
+
+            d.say = lambda s: progress.console.print(f"[green]✓[/green] {s}")
+            d.start(on_progress)
     except KeyboardInterrupt:
-        pass
-    stop.set()
-    _summary(city_objs, workdir)
+        console.print("interrupted while starting; stopping everything the demo started")
+        return 130
+    except (DemoError, ProvisionError, ServiceError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        console.print("stopped everything the demo started")
+        return e.code if isinstance(e, DemoError) else 1
+    except Exception as e:  # noqa: BLE001 - one line for the operator, the details in a file
+        return _internal(console, d, e)
+    console.print("Grafana: point a Grafana at these (datasources `influx-home`/`influx-partner` and dashboards):")
+    for line in grafana_lines(d):
+        console.print(line)
+
+    st = LiveState()
+    interactive = console.is_terminal
+    try:
+        st.refresh(d)
+        if interactive:
+            with Live(live_view(d, st, duration), console=console, refresh_per_second=2, transient=False) as live:
+                while not duration or time.time() - d.started_at < duration:
+                    time.sleep(1.0)
+                    st.refresh(d)
+                    live.update(live_view(d, st, duration))
+        else:
+            last_print = 0.0
+            while not duration or time.time() - d.started_at < duration:
+                time.sleep(1.0)
+                st.refresh(d)
+                if time.time() - last_print >= 10:
+                    last_print = time.time()
+                    for side in d.sides.values():
+                        console.print(headless_line(d, st, side))
+    except KeyboardInterrupt:
+        console.print("Ctrl-C: stopping")
+    except Exception as e:  # noqa: BLE001
+        return _internal(console, d, e)
+    return _finish(console, d)
 
 
-class _NullLive:
-    def __enter__(self) -> "_NullLive":
-        return self
+def _finish(console: Console, d: TwinDemo) -> int:
+    try:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=True) as progress:
+            task = progress.add_task("parking the nodes (config interval 3600 s) and sending what they hold", total=None)
+            d.drain_nodes(on_progress=lambda w, k, n: progress.update(task, completed=k, total=n or None))
+            progress.update(task, description="checking every reading in InfluxDB and at the partner", total=None)
+            summary = d.account()
+    except KeyboardInterrupt:
+        console.print("interrupted again: skipping the accounting, stopping everything")
+        return 130
+    except Exception as e:  # noqa: BLE001
+        return _internal(console, d, e)
+    console.print("stopping gateways, brokers and InfluxDB…")
+    d.stop()
+    console.print(summary_table(summary))
+    for c in summary.cities:
+        if c.gw_completeness is not None and c.gw_completeness == c.gw_completeness:
+            console.print(f"{c.city}: gateway reconciliation says the partner holds {100 * c.gw_completeness:.2f} % "
+                          "of the closed hours it compared")
+        for note in c.mirror_notes:
+            console.print(f"{c.city}: {note}")
+    for line in where_lines(d):
+        console.print(line)
+    console.print("Grafana files:")
+    for line in grafana_lines(d):
+        console.print(line)
+    console.print("every process the demo started has stopped.")
+    if summary.complete:
+        console.print("[bold green]✓ every node reported, every reading is in InfluxDB, the partner holds everything "
+                      "the policy shares[/bold green]")
+        return 0
+    console.print("[bold red]✗ not everything arrived; see the summary above and the gateway logs[/bold red]")
+    return 1
 
-    def __exit__(self, *exc: object) -> None:
-        return None
 
-    def update(self, *a: object, **k: object) -> None:
-        return None
-
-
-def _summary(cities: list[DemoCity], workdir: Path) -> None:
-    console.print("stopping… flushing the last readings")
-    for c in cities:
-        try:
-            c.flush()
-        except Exception:  # noqa: BLE001 - a broker that is already gone must not hide the summary
-            pass
-    table = Table(title="demo summary")
-    for col in ("city", "published", "in InfluxDB", "dead letters", "verdict"):
-        table.add_column(col)
-    for c in cities:
-        deadline = time.time() + 30
-        stored = 0
-        while time.time() < deadline:
-            try:
-                stored = c.stored()
-            except Exception:  # noqa: BLE001
-                stored = 0
-            if stored >= c.published:
-                break
-            time.sleep(0.2)
-        assert c.gateway is not None
-        dead = _sum(c.gateway.metrics(), "twinedge_dead_letters_total")
-        verdict = "[green]complete[/green]" if stored == c.published else f"[red]{c.published - stored} missing[/red]"
-        table.add_row(c.name, f"{c.published:,}", f"{stored:,}", f"{dead:,.0f}", verdict)
-    for c in cities:
-        c.stop()
-    console.print(table)
-    console.print(f"data lives in {workdir} (per city: influxdb/, mosquitto/, gw-<city>-gw1/ with the durable log "
-                  "and dead letters); every process the demo started has stopped.", highlight=False)
+def _internal(console: Console, d: TwinDemo, e: BaseException) -> int:
+    path = d.workdir / "demo-error.log"
+    try:
+        path.write_text("".join(traceback.format_exception(e)))
+    except OSError:
+        path = Path("(could not write the details)")
+    console.print(f"[red]error:[/red] the demo failed unexpectedly ({type(e).__name__}: {str(e)[:200]}); "
+                  f"details in {path}. Stopping everything it started.")
+    return 1

@@ -60,3 +60,44 @@ def mobility_row(t: int, scale: float, interval_s: int, rng: random.Random,
         mask &= ~0b111000  # the radar dropped out
         vals[3] = vals[4] = vals[5] = 0
     return mask, vals
+
+
+# -- the simulated world of the demo (engineering units, fed to the emulated boards' sensors) --
+
+def marine_world(t_local: float, phase: float, base_temp_c: float = 14.0) -> dict[str, float]:
+    """What a buoy's probes measure at local world time t_local (seconds; day/night, tide).
+
+    Keys are the scenario names of hil_tests/board/te_sim.py: ph, temp (°C), do (mg/L),
+    ec (µS/cm), sal (PSU), turb (NTU), bat (V)."""
+    day = math.sin(2 * math.pi * ((t_local % DAY_S) / DAY_S - 0.35))   # warmest mid-afternoon
+    tide = math.sin(2 * math.pi * (t_local / TIDE_PERIOD_S) + phase)
+    sun = max(0.0, day)
+    temp = base_temp_c + 2.5 * day
+    sal = 30.0 + 2.0 * tide
+    return {
+        "ph": 8.08 + 0.05 * day,
+        "temp": temp,
+        "do": 9.5 - 0.18 * (temp - 10) + 0.6 * sun,        # photosynthesis by day
+        "ec": sal * 1450 + (temp - 15) * 900,
+        "sal": sal,
+        "turb": 4 + 3 * max(0.0, tide),                      # ebb stirs up sediment
+        "bat": 3.95 + 0.15 * sun - 0.05 * (1 - sun),         # solar panel
+    }
+
+
+def mobility_world(t_local: float, scale: float) -> dict[str, float]:
+    """Traffic past a counter at local world time t_local: per-minute rates and speeds.
+
+    Rush hours at 08:00 and 17:00; `scale` is how busy the road is."""
+    hour = (t_local % DAY_S) / 3600
+    rush = math.exp(-((hour - 8) ** 2) / 1.5) + 0.9 * math.exp(-((hour - 17) ** 2) / 2.0)
+    base = 0.1 + 0.6 * math.exp(-((hour - 13) ** 2) / 18)
+    per_min = scale * (base + 2.2 * rush)
+    congestion = min(1.0, rush)
+    return {
+        "vehicles_per_min": 20 * per_min,
+        "bikes_per_min": 8 * per_min,
+        "peds_per_min": 5 * per_min,
+        "speed_kmh": 48 - 22 * congestion,
+        "bat": 4.05,
+    }
