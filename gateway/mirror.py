@@ -197,7 +197,7 @@ class MirrorSink:
         # (m, node, bin) -> [tags, {field: [n, sum, max, min]}, dirty]
         self._bins: dict[tuple[str, str, int], list[Any]] = {}
         self._plans: dict[str, Plan] = {}
-        self.feed: RecordFeed | None = getattr(gw, "mirror_feed", None)
+        self.feed: RecordFeed | None = None
         for m, node, b, tags, state in archive.agg_dirty():
             self._bins[(m, node, b)] = [tags, state, True]
 
@@ -1062,6 +1062,10 @@ def build_mirror_stages(gw: "Gateway") -> tuple[list["Sink"], list[Awaitable[Non
     archive = Archive(gw.cfg.data_dir / "mirror" / f"archive-{cfg.partner}.sqlite3")
     ready = asyncio.Event()
     sink = MirrorSink(gw, cfg, policy, archive, metrics, ready)
+    # Ingest hands decoded records over when it knows `mirror_feed` (Gateway._ingest calls put() after
+    # each log append); without that, the feed stays empty and the sink decodes every frame itself.
+    sink.feed = RecordFeed()
+    setattr(gw, "mirror_feed", sink.feed)
     sender = Sender(gw, cfg, policy, archive, metrics, sink, ready)
     stages: list[Awaitable[None]] = [sender.run()]
     if cfg.inbound.enabled:

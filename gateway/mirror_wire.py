@@ -9,7 +9,7 @@ per (measurement, node) the count, sequence ranges and time span, the total poin
 and the SHA-256 of the compressed body.
 
 Body v2 (what we send): a list of segments, one per series (measurement + tag set) and hour:
-times and sequence numbers delta-encoded, the field names once, then one JSON array per
+times and sequence numbers as (first, step) when regular, else delta-encoded, the field names once, then one JSON array per
 point (null = absent). The sender renders each point's row text once and uses the same
 text for the body and for the reconciliation digest, so it never builds per-point objects
 on its hot path. Body v1 (columnar, one value list per field) is still decoded: archives
@@ -220,16 +220,39 @@ def _dump(x: Any) -> str:
     return json.dumps(x, separators=(",", ":"))
 
 
+def _progression(xs: list[Any]) -> tuple[int, int] | None:
+    """(first, step) when xs is first, first+step, ... with an integer step >= 1 (regular sampling)."""
+    if len(xs) < 2 or type(xs[0]) is not int or type(xs[1]) is not int:
+        return None
+    a, step = xs[0], xs[1] - xs[0]
+    if step < 1 or xs[-1] != a + step * (len(xs) - 1) or xs != list(range(a, a + step * len(xs), step)):
+        return None
+    return a, step
+
+
 def encode_body(segments: list[Segment]) -> bytes:
     parts = []
     for s in segments:
-        if s.seqs and None not in s.seqs:
+        # Times and sequence numbers: (first, step) for the regular case, else deltas (or raw with nulls).
+        tp = _progression(s.ts)
+        t = f'"tr":[{tp[0]},{tp[1]}]' if tp else '"t":' + _dump(_deltas(s.ts))
+        qp = _progression(s.seqs)
+        if qp:
+            q = f'"qr":[{qp[0]},{qp[1]}]'
+        elif s.seqs and None not in s.seqs:
             q = '"q":' + _dump(_deltas(s.seqs))  # type: ignore[arg-type]
         else:
             q = '"qa":' + _dump(s.seqs)
-        parts.append('{"m":%s,"tags":%s,"t":%s,%s,"k":%s,"v":[%s]}' % (
-            _dump(s.m), _dump(s.tags), _dump(_deltas(s.ts)), q, _dump(s.names), ",".join(s.rows)))
+        parts.append('{"m":%s,"tags":%s,%s,%s,"k":%s,"v":[%s]}' % (
+            _dump(s.m), _dump(s.tags), t, q, _dump(s.names), ",".join(s.rows)))
     return zlib.compress(('{"s":[' + ",".join(parts) + "]}").encode(), ZLIB_LEVEL)
+
+
+def _expand(pair: list[Any], n: int) -> list[int]:
+    a, step = int(pair[0]), int(pair[1])
+    if step < 1:
+        raise ValueError("progression step must be >= 1")
+    return list(range(a, a + step * n, step))
 
 
 def decode_body(body: bytes) -> list[Point]:
@@ -237,9 +260,17 @@ def decode_body(body: bytes) -> list[Point]:
         doc = json.loads(zlib.decompress(body))
         points: list[Point] = []
         for s in doc["s"]:
-            ts = _undelta(s["t"])
-            if s.get("q") is not None:
-                qs: list[int | None] = list(_undelta(s["q"]))
+            n = len(s["v"]) if "v" in s else None
+            if "tr" in s:
+                if n is None:
+                    raise ValueError("a time progression needs rows")
+                ts = _expand(s["tr"], n)
+            else:
+                ts = _undelta(s["t"])
+            if "qr" in s:
+                qs: list[int | None] = list(_expand(s["qr"], len(ts)))
+            elif s.get("q") is not None:
+                qs = list(_undelta(s["q"]))
             elif "qa" in s:
                 qs = list(s["qa"])
             else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +201,14 @@ def test_record_feed_hands_over_and_stays_bounded() -> None:
     feed.put(200, frames, recs)
     feed.put(300, frames, recs)  # 16 rows > 10: the oldest go
     assert feed.take(172) is None and feed.take(300) is recs[1]
+
+
+def test_regular_times_and_sequences_round_trip() -> None:
+    pts = [Point("marine", {"city": "c", "node": "n-1"}, 7200 + 10 * i, {"ph": 7.0 + i / 100}, 5 + i) for i in range(30)]
+    pts += [Point("marine", {"city": "c", "node": "n-2"}, 7200 + i * i, {"ph": 7.0}, None if i % 2 else i) for i in range(5)]
+    msg, manifest = encode_batch({"origin": "c", "batch": "e-1"}, pts)
+    _m, body = split_batch(msg)
+    assert b'"tr":[7200,10]' in zlib.decompress(body) and b'"qr":[5,1]' in zlib.decompress(body)
+    back = decode_body(body)
+    check_manifest(manifest, back)
+    assert [(p.node, p.t, p.seq, p.fields) for p in back] == [(p.node, p.t, p.seq, p.fields) for p in pts]
