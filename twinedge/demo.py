@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -136,6 +137,34 @@ def start_with_retry(make: Callable[[int], T], start: Callable[[T], T], what: st
                 raise DemoError(str(e), 2) from None
             last = str(e)
     raise DemoError(f"{what} did not start after {attempts} tries on different ports: {last}")
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+S = TypeVar("S", Mosquitto, Influxd)
+
+
+def start_checked(svc: S, extra_ports: tuple[int, ...] = ()) -> S:
+    """Start a broker or InfluxDB and make sure it is *ours* that listens: a port already taken by
+    another program would otherwise pass the readiness check (the connect reaches that program)."""
+    for port in (svc.port, *extra_ports):
+        if port and not port_free(port):
+            raise ServiceError(f"port {port} is taken by another program")
+    svc.start()
+    deadline = time.monotonic() + 0.3
+    while time.monotonic() < deadline:
+        if svc.proc is None or svc.proc.poll() is not None:
+            svc.stop()
+            raise ServiceError(f"{type(svc).__name__.lower()} exited right after starting (port taken?)")
+        time.sleep(0.05)
+    return svc
 
 
 def lock_workdir(workdir: Path) -> int:
@@ -289,11 +318,12 @@ class TwinDemo:
                                  password_file=passwd, acl_file=acl, allow_anonymous=False,
                                  extra_conf=mosquitto_tls_listener(tls_files, side.tls_port))
 
-            side.broker = start_with_retry(make, lambda m: m.start(), f"mosquitto ({side.name})")
+            side.broker = start_with_retry(make, lambda m, side=side: start_checked(m, (side.tls_port,)),
+                                           f"mosquitto ({side.name})")
             self.prov.set_broker_port(side.name, side.broker.port)
             on_progress("starting brokers and InfluxDB", 0, 0)
         for side in self.sides.values():
-            side.influx = start_with_retry(lambda _a, side=side: Influxd(side.workdir / "influxdb"), lambda i: i.start(),
+            side.influx = start_with_retry(lambda _a, side=side: Influxd(side.workdir / "influxdb"), start_checked,
                                            f"influxd ({side.name})")
         for side in self.sides.values():
             assert side.broker is not None and side.influx is not None

@@ -53,6 +53,8 @@ def demo(
       twinedge demo --cities helsinki,amsterdam --nodes 8 --duration 300 --seed 7
     """
     console = Console(highlight=False, file=sys.stdout)
+    if not console.is_terminal:
+        console = Console(highlight=False, file=sys.stdout, width=200)  # logs: keep the summary table readable
     names = [c.strip().lower() for c in cities.split(",") if c.strip()]
     if len(names) != 2 or names[0] == names[1]:
         console.print("[red]error:[/red] --cities needs two different names, e.g. copenhagen,tongyeong")

@@ -18,8 +18,7 @@ from twinedge.demo import CitySide, Summary, TwinDemo
 class LiveState:
     """Per-city figures between refreshes (rates need the previous sample)."""
 
-    last_accepted: dict[str, float] = field(default_factory=dict)
-    last_t: float = 0.0
+    history: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # (time, accepted) per city
     rates: dict[str, float] = field(default_factory=dict)
     snaps: dict[str, dict[str, Any]] = field(default_factory=dict)
     alarms: dict[str, list[str]] = field(default_factory=dict)
@@ -32,11 +31,13 @@ class LiveState:
         for side in demo.sides.values():
             snap = demo.snapshot(side)
             self.snaps[side.name] = snap
-            prev = self.last_accepted.get(side.name)
-            if prev is not None and now > self.last_t:
-                self.rates[side.name] = max(0.0, snap["accepted"] - prev) / (now - self.last_t)
-            self.last_accepted[side.name] = snap["accepted"]
-        self.last_t = now
+            # readings arrive in batches: a rate over the last ~10 s reads steadier than per refresh
+            h = self.history.setdefault(side.name, [])
+            h.append((now, snap["accepted"]))
+            while len(h) > 2 and now - h[0][0] > 10:
+                h.pop(0)
+            if len(h) >= 2 and h[-1][0] > h[0][0]:
+                self.rates[side.name] = max(0.0, h[-1][1] - h[0][1]) / (h[-1][0] - h[0][0])
         if now - self.slow_at >= slow_every_s:  # InfluxDB queries: every few seconds is enough
             self.slow_at = now
             since = int(max(demo.started_at - 30, now - 600))
