@@ -371,9 +371,12 @@ class TwinDemo:
                 on_progress("installing firmware (mpremote over each board's pty)", done[0], len(all_nodes))
 
         on_progress("installing firmware (mpremote over each board's pty)", 0, len(all_nodes))
-        with ThreadPoolExecutor(max_workers=cfg.install_workers) as pool:
+        pool = ThreadPoolExecutor(max_workers=cfg.install_workers)
+        try:
             for f in [pool.submit(install, n) for n in all_nodes]:
                 f.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: no new installs, boards stopped by stop()
         self.say(f"installed firmware on {len(all_nodes)} emulated boards ({time.monotonic() - t:.1f} s)")
 
         # 5. dashboards and Grafana provisioning for both cities

@@ -24,6 +24,7 @@ import typer
 from provisioning import cli as pcli
 from provisioning import device
 from provisioning.calibrate import cfg_document
+from provisioning.errors import ProvisioningError
 from provisioning.registry import City, Node, get_node, load_city, load_registry, save_city
 from provisioning.secrets import SecretStore
 
@@ -169,8 +170,12 @@ class Provisioner:
         """What `twinedge node install <id> --port <pty>` does (thread-safe: no output capture)."""
         node = self.node(node_id)
         stages: list[str] = []
-        r = pcli.do_install(node, port, self.store, self.root, pcli.FIRMWARE_DIR, None, None, True,
-                            lambda name, detail, pct: stages.append(detail))
+        try:
+            r = pcli.do_install(node, port, self.store, self.root, pcli.FIRMWARE_DIR, None, None, True,
+                                lambda name, detail, pct: stages.append(detail))
+        except ProvisioningError as e:
+            self.write_log(f"$ twinedge node install {node_id} --port {port}\nerror: {e}")
+            raise ProvisionError(f"installing {node_id} failed: {e}") from None
         self.write_log(f"$ twinedge node install {node_id} --port {port}\n"
                        f"installed on {node_id}: {len(r.sent)} file(s) sent, {len(r.unchanged)} unchanged, checked, "
                        f"reset ({r.seconds:.1f} s)")
