@@ -36,8 +36,8 @@ from typing import Any
 MAGIC = b"TWM1"
 _LEN = struct.Struct("<I")
 MAX_MANIFEST = 1024 * 1024
-# zlib level 1: measured ~4.4 B/reading against ~3 B at level 6 on bench/mirror_bench.py's
-# workload, at a third of the CPU; the target is 38 B (5x under line protocol).
+# zlib level 1: bench/mirror_bench.py measured ~7 B/reading (level 6: ~5 B) at a third of the CPU;
+# the target is 38 B (5x under line protocol).
 ZLIB_LEVEL = 1
 WIRE_VERSION = 2
 DIGEST_VERSION = 2
