@@ -682,13 +682,16 @@ class TwinDemo:
             fig.acked += ring.lo - 1
             fig.on_flash += max(0, hi - ring.lo)
             fig.reported += 1 if have else 0
-            for seq, s in ring.samples.items():
+            seen_t: set[int] = set()
+            for seq, s in sorted(ring.samples.items()):
                 if seq < ring.lo:
                     fig.checked += 1
-                    if s.t in have:
+                    # InfluxDB keys a point by second: a second reading in the same second overwrote the first
+                    if s.t in have and s.t not in seen_t:
                         fig.in_influx += 1
                     else:
                         fig.missing += 1
+                    seen_t.add(s.t)
             fig.points += len(have)
         return fig
 

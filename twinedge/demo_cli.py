@@ -33,7 +33,7 @@ def demo(
     nodes: int = typer.Option(6, min=2, max=16, help="emulated nodes per city (buoys and traffic counters alternate)"),
     duration: float = typer.Option(0, min=0, help="seconds to run once everything reports; 0 = until Ctrl-C"),
     seed: int = typer.Option(1, help="seed of the simulated world (signals, probe faults, events)"),
-    interval: int = typer.Option(2, min=1, max=60, help="the nodes' sample interval, seconds (node config interval_s)"),
+    interval: int = typer.Option(2, min=2, max=60, help="the nodes' sample interval, seconds (node config interval_s; at least 2, so two readings never share a timestamp second)"),
     batch: int = typer.Option(5, min=1, max=50, help="readings per MQTT message (node config batch)"),
     world_speed: float = typer.Option(120.0, min=1.0, max=3600.0,
                                       help="how much faster the simulated world's clock runs (120: a day in 12 minutes)"),
