@@ -122,11 +122,11 @@ def _run(console: Console, d: TwinDemo, duration: float) -> int:
     try:
         st.refresh(d)
         if interactive:
-            with Live(live_view(d, st, duration), console=console, refresh_per_second=2, transient=False) as live:
+            with Live(live_view(d, st, duration, console.width), console=console, refresh_per_second=2, transient=False) as live:
                 while not duration or time.time() - d.started_at < duration:
                     time.sleep(1.0)
                     st.refresh(d)
-                    live.update(live_view(d, st, duration))
+                    live.update(live_view(d, st, duration, console.width))
         else:
             last_print = 0.0
             while not duration or time.time() - d.started_at < duration:

@@ -61,7 +61,10 @@ def _pct(held: int, shared: int) -> str:
     return f"{100.0 * held / shared:.1f} %" if shared else "—"
 
 
-def live_view(demo: TwinDemo, st: LiveState, duration: float) -> RenderableType:
+WIDE_ONLY = {"local time (world)", "accepted", "probe faults now", "health"}
+
+
+def live_view(demo: TwinDemo, st: LiveState, duration: float, width: int = 200) -> RenderableType:
     elapsed = time.time() - demo.started_at
     a, b = demo.cfg.cities
     pol = demo.policy
@@ -71,20 +74,23 @@ def live_view(demo: TwinDemo, st: LiveState, duration: float) -> RenderableType:
         f"   running {_hms(elapsed)}" + (f" of {_hms(duration)}" if duration else "") + "   Ctrl-C stops everything",
     )
     t = Table(expand=False)
-    for col, right in (("city", False), ("local time (world)", False), ("nodes online", True), ("readings/s", True),
-                       ("accepted", True), ("InfluxDB lag", True), ("mirror lag", True), ("mirror complete", True),
-                       ("dead letters", True), ("alarms", True), ("probe faults now", True), ("health", False)):
-        t.add_column(col, justify="right" if right else "left")
+    cols = (("city", False), ("local time (world)", False), ("nodes online", True), ("readings/s", True),
+            ("accepted", True), ("InfluxDB lag", True), ("mirror lag", True), ("mirror complete", True),
+            ("dead letters", True), ("alarms", True), ("probe faults now", True), ("health", False))
+    keep = [i for i, (c, _r) in enumerate(cols) if width >= 150 or c not in WIDE_ONLY]  # narrow terminals
+    for i in keep:
+        t.add_column(cols[i][0], justify="right" if cols[i][1] else "left")
     for side in demo.sides.values():
         s = st.snaps.get(side.name, {})
         shared, held = st.mirror.get(side.name, (0, 0))
-        t.add_row(
+        row = (
             side.name, demo.world.clock(side.name), f"{s.get('online', 0)}/{len(side.nodes)}",
             f"{st.rates.get(side.name, 0.0):.1f}", f"{s.get('accepted', 0):,.0f}", _secs(s.get("influx_lag")),
             _secs(s.get("mirror_lag")), _pct(held, shared), f"{s.get('dead_letters', 0):,.0f}",
             str(st.alarm_counts.get(side.name, 0)), str(demo.world.active_faults(side.name)),
             "[green]healthy[/green]" if s.get("healthy") else "[yellow]degraded[/yellow]",
         )
+        t.add_row(*(row[i] for i in keep))
     parts: list[RenderableType] = [head, t]
     for side in demo.sides.values():
         lines = [f"  alarm  {x}" for x in st.alarms.get(side.name, [])] + \
