@@ -85,13 +85,17 @@ class _Plan:
 _PLANS = {sid: _Plan(s) for sid, s in SCHEMAS_BY_ID.items()}
 
 
-def decode_up(topic: str, payload: bytes, now: int, limits: Limits = Limits()) -> Decoded:
+def decode_up(topic: str | Topic, payload: bytes, now: int, limits: Limits = Limits()) -> Decoded:
+    """Decode an `up` message; `topic` may be given already parsed (the gateway parses it once)."""
     if len(payload) > limits.max_payload_bytes:
         raise Rejected("size", f"payload of {len(payload)} bytes exceeds {limits.max_payload_bytes}")
-    try:
-        t = parse_topic(topic)
-    except TopicError as e:
-        raise Rejected("topic", str(e)) from None
+    if isinstance(topic, Topic):
+        t = topic
+    else:
+        try:
+            t = parse_topic(topic)
+        except TopicError as e:
+            raise Rejected("topic", str(e)) from None
     if t.kind != "up":
         raise Rejected("topic", f"readings must be published on .../up, not .../{t.kind}")
     if not payload:

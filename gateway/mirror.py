@@ -1065,7 +1065,7 @@ def build_mirror_stages(gw: "Gateway") -> tuple[list["Sink"], list[Awaitable[Non
     # Ingest hands decoded records over when it knows `mirror_feed` (Gateway._ingest calls put() after
     # each log append); without that, the feed stays empty and the sink decodes every frame itself.
     sink.feed = RecordFeed()
-    setattr(gw, "mirror_feed", sink.feed)
+    gw.mirror_feed = sink.feed
     sender = Sender(gw, cfg, policy, archive, metrics, sink, ready)
     stages: list[Awaitable[None]] = [sender.run()]
     if cfg.inbound.enabled:

@@ -71,11 +71,15 @@ def frame_received_at(blob: bytes) -> float:
     return float(_HEAD.unpack_from(blob)[1])
 
 
-def reading_lines(record: dict[str, Any], dec: Decoded, readings: list[Any]) -> str:
-    """Line protocol of a reading record, fast path for compact batches (values in schema order)."""
+def reading_lines(record: dict[str, Any], dec: Decoded, readings: list[Any], prefix: str | None = None) -> str:
+    """Line protocol of a reading record, fast path for compact batches (values in schema order).
+
+    `prefix` (measurement and tags, from `line_prefix`) may be passed in by a caller that caches it per node.
+    """
     if dec.fmt != "compact":
         return "".join(line + "\n" for line in to_lines(record))
-    prefix = line_prefix(record)
+    if prefix is None:
+        prefix = line_prefix(record)
     fmt, nfields = _FULL_FORMAT[dec.schema.domain]
     fv = _field_value
     parts = []

@@ -82,6 +82,10 @@ class Gateway:
         self.seq = SequenceTracker()
         self.alarms = AlarmTracker(cfg.city, cfg.alarm_bands())
         self.node_domain: dict[str, str] = {}
+        self._line_prefixes: dict[tuple[str, ...], str] = {}  # per node: measurement and tags, escaped
+        # Bound metric children: prometheus' labels() lookup costs more than the rest of a small message.
+        self._received_by_kind = {k: self.metrics.received.labels(k) for k in ("up", "status", "cfg", "cmd")}
+        self._accepted_by_domain = {d: self.metrics.accepted.labels(d) for d in ("marine", "mobility")}
         self.registry = Registry(cfg)
         self.registry.load()
         self.limits = cfg.limits.to_limits()
@@ -90,6 +94,7 @@ class Gateway:
         self.space_freed = asyncio.Event()
         self.appended: asyncio.Condition | None = None
         self.mqtt: MqttIngest | None = None
+        self.mirror_feed: Any = None  # gateway.mirror.RecordFeed when mirroring
         self.http_port = 0
         self.counts = {"received_msgs": 0, "accepted_readings": 0, "dead_letters": 0, "duplicates": 0}
         if self.log.torn_bytes_cut:
@@ -121,7 +126,7 @@ class Gateway:
         except TopicError as e:
             dead.append(DeadLetter("decode", "topic", str(e), msg.topic, None, msg.payload))
             return
-        m.received.labels(topic.kind).inc()
+        self._received_by_kind[topic.kind].inc()
         if topic.city != self.cfg.city:
             dead.append(DeadLetter("decode", "topic", f"city {topic.city!r} is not this gateway's ({self.cfg.city})",
                                    msg.topic, topic.node, msg.payload))
@@ -145,7 +150,7 @@ class Gateway:
                 dead.append(DeadLetter("decode", "status_format", str(e), msg.topic, topic.node, msg.payload))
             return
         try:
-            dec = decode_up(msg.topic, msg.payload, now, self.limits)
+            dec = decode_up(topic, msg.payload, now, self.limits)
         except Rejected as e:
             dead.append(DeadLetter("decode", e.reason, e.detail, msg.topic, topic.node, msg.payload))
             return
@@ -165,11 +170,15 @@ class Gateway:
         self.node_domain[dec.node] = dec.schema.domain
         if fresh:
             rec = records.reading_record(dec, site, msg.received_at, fresh)
-            out.append((rec, records.reading_lines(rec, dec, fresh)))
+            key = (dec.schema.domain, topic.city, topic.domain, dec.node, site)
+            prefix = self._line_prefixes.get(key)
+            if prefix is None:
+                prefix = self._line_prefixes[key] = records.line_prefix(rec)
+            out.append((rec, records.reading_lines(rec, dec, fresh, prefix)))
             alarm = self.alarms.check(dec.schema.domain, dec.node, fresh, msg.received_at)
             if alarm is not None:
                 out.append((alarm, None))
-            m.accepted.labels(dec.schema.domain).inc(len(fresh))
+            self._accepted_by_domain[dec.schema.domain].inc(len(fresh))
             self.counts["accepted_readings"] += len(fresh)
 
     async def _ingest(self, mqtt: MqttIngest) -> None:
@@ -215,7 +224,10 @@ class Gateway:
             # causes a redelivery, which de-duplication and InfluxDB's overwrite absorb.
             self.dead.add_many(dead)
             if recs:
-                self.log.append([records.encode(r, lines) for r, lines in recs])
+                frames = [records.encode(r, lines) for r, lines in recs]
+                end = self.log.append(frames)
+                if self.mirror_feed is not None:  # the mirror takes the decoded records instead of re-parsing
+                    self.mirror_feed.put(end, frames, [r for r, _lines in recs])
                 self.metrics.log_appends.inc()
                 async with self.appended:
                     self.appended.notify_all()
