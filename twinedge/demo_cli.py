@@ -80,6 +80,7 @@ def demo(
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(e.code) from None
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (`cmd &`)
     cfg = DemoConfig((names[0], names[1]), nodes, interval, batch, seed, world_speed, workdir)
     d = TwinDemo(cfg, say=lambda s: console.print(f"[green]✓[/green] {s}"))
     code = 0

@@ -199,3 +199,27 @@ def test_a_taken_port_costs_a_retry_not_the_demo(tmp_path: Path) -> None:
         with pytest.raises(DemoError, match=r"mosquitto did not start after 2 tries on different ports"):
             start_with_retry(lambda a: Mosquitto(tmp_path / f"x{a}", port=taken), start_checked, "mosquitto",
                              attempts=2)
+
+
+def test_ctrl_c_while_starting_leaves_nothing_running(tmp_path: Path) -> None:
+    work = tmp_path / "demo"
+    # Started with SIGINT ignored, as `cmd &` in a script does: the demo still stops on it.
+    p = subprocess.Popen(_demo("--nodes", "2", "--workdir", str(work)), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    lines: list[str] = []
+    try:
+        assert p.stdout is not None
+        for line in p.stdout:
+            lines.append(line)
+            if "installed firmware on 4 emulated boards" in line:
+                break
+        p.send_signal(signal.SIGINT)
+        rest, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    out = "".join(lines) + rest
+    assert p.returncode == 130, out
+    assert "interrupted while starting; stopping everything the demo started" in out and "Traceback" not in out
+    assert _processes_using(work) == []
