@@ -38,22 +38,29 @@ class AlarmTracker:
         if not bands:
             return None
         out_rows: list[list[Any]] = []
-        for r in rows:
-            for name, (lo, hi) in bands.items():
+        inf = float("inf")
+        for name, (lo, hi) in bands.items():
+            key = (node, name)
+            cur = self.state.get(key)
+            low = -inf if lo is None else lo
+            high = inf if hi is None else hi
+            for r in rows:
                 v = r.values.get(name)
                 if v is None:
                     continue
-                st = "low" if lo is not None and v < lo else "high" if hi is not None and v > hi else "ok"
-                key = (node, name)
-                if self.state.get(key) != st:
-                    self.state[key] = st
+                st = "low" if v < low else "high" if v > high else "ok"
+                if st != cur:
+                    cur = st
                     fields: dict[str, Any] = {"state": st, "value": float(v)}
                     if lo is not None:
                         fields["lo"] = float(lo)
                     if hi is not None:
                         fields["hi"] = float(hi)
                     out_rows.append([r.t, fields, None, 0, name])
+            if cur is not None:
+                self.state[key] = cur
         if not out_rows:
             return None
+        out_rows.sort(key=lambda row: row[0])
         return {"a": received_at, "m": "alarm", "tags": {"city": self.city, "domain": domain, "node": node},
                 "rows": out_rows}

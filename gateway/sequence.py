@@ -69,6 +69,23 @@ class SequenceTracker:
         elif st.gaps:
             st.gaps -= 1  # older than the window: most likely a backfill filling a counted gap
 
+    def commit_run(self, node: str, seq0: int, n: int, t_last: int) -> bool:
+        """Fast path for a batch of consecutive, all-new sequence numbers above the node's highest.
+
+        Returns False (and records nothing) when the run does not qualify; the caller then goes reading by reading.
+        """
+        st = self.nodes.get(node)
+        if st is None or st.hi == 0 or seq0 <= st.hi or seq0 + n - 1 - st.hi > WINDOW:
+            return False
+        top = seq0 + n - 1
+        st.gaps += seq0 - st.hi - 1
+        st.seen = ((st.seen << (top - st.hi)) | ((1 << n) - 1)) & ((1 << WINDOW) - 1)
+        st.hi = top
+        st.received += n
+        if t_last > st.last_seen:
+            st.last_seen = t_last
+        return True
+
     def duplicate(self, node: str) -> None:
         st = self.nodes.setdefault(node, NodeSeq())
         st.duplicates += 1

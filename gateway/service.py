@@ -157,7 +157,12 @@ class Gateway:
         for rj in dec.rejected:
             dead.append(DeadLetter("reading", rj.reason, rj.detail, msg.topic, dec.node, None, rj.reading))
         fresh = []
-        for r in dec.readings:
+        rs = dec.readings
+        if (rs and rs[0].seq is not None and rs[-1].seq is not None and rs[-1].seq - rs[0].seq == len(rs) - 1
+                and self.seq.commit_run(dec.node, rs[0].seq, len(rs), max(r.t for r in rs))):
+            fresh = rs  # the common case: a new batch, consecutive numbers above everything seen
+            rs = []
+        for r in rs:
             if r.seq is None:
                 fresh.append(r)
             elif self.seq.is_new(dec.node, r.seq):

@@ -193,3 +193,25 @@ def test_secrets_never_printed(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "s3cret-token-value" not in r.stdout + r.stderr and "mqtt-pass-xyz" not in r.stdout + r.stderr
     assert "********" in r.stdout
+
+
+def test_sequence_fast_path_matches_reading_by_reading() -> None:
+    from gateway.sequence import SequenceTracker
+
+    runs = [(1, 5), (6, 5), (20, 3), (12, 4), (23, 10), (23, 2), (100, 1), (40, 5)]
+    slow, fast = SequenceTracker(), SequenceTracker()
+    for seq0, n in runs:
+        for s in range(seq0, seq0 + n):
+            if slow.is_new("a", s):
+                slow.commit("a", s, s)
+            else:
+                slow.duplicate("a")
+        if not fast.commit_run("a", seq0, n, seq0 + n - 1):
+            for s in range(seq0, seq0 + n):
+                if fast.is_new("a", s):
+                    fast.commit("a", s, s)
+                else:
+                    fast.duplicate("a")
+    assert slow.nodes["a"] == fast.nodes["a"]
+    st = fast.nodes["a"]
+    assert (st.received, st.duplicates, st.hi) == (len(set(s for a, n in runs for s in range(a, a + n))), 2, 100)
