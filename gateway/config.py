@@ -70,7 +70,6 @@ class InfluxConfig(_Strict):
     gzip: bool = True
     create_database: bool = Field(default=True, description="v1 only: CREATE DATABASE at start")
     max_backoff_s: float = Field(default=30.0, gt=0, le=3600)
-    connections: int = Field(default=1, ge=1, le=8, description="parallel write requests")
 
     @field_validator("url")
     @classmethod

@@ -43,6 +43,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_free(port: int) -> bool:
+    """True when nothing listens on the port (bound like a server, so TIME_WAIT leftovers do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -103,6 +114,9 @@ class Mosquitto:
 
     def start(self, timeout: float = 10.0) -> "Mosquitto":
         binary = find_binary("mosquitto")
+        if self.port and not port_free(self.port):
+            # Otherwise the readiness check would connect to whatever holds the port and call it ours.
+            raise ServiceError(f"mosquitto: port {self.port} is taken by another program")
         conf = self.write_config()
         self.proc = subprocess.Popen(
             [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
@@ -174,6 +188,8 @@ bind-address = "127.0.0.1:{bind_port}"
 
     def start(self, timeout: float = 30.0) -> "Influxd":
         binary = find_binary("influxd")
+        if self.port and not port_free(self.port):
+            raise ServiceError(f"influxd: port {self.port} is taken by another program")
         conf = self.write_config()
         log = open(self.workdir / "influxd.log", "ab")
         self.proc = subprocess.Popen(
