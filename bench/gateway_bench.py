@@ -40,7 +40,7 @@ def count_points(influx: Influxd, db: str) -> int:
     return total
 
 
-def wait_points(influx: Influxd, db: str, n: int, timeout: float = 900, interval: float = 0.25) -> float:
+def wait_points(influx: Influxd, db: str, n: int, timeout: float = 900, interval: float = 0.1) -> float:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if count_points(influx, db) >= n:

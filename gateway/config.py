@@ -65,7 +65,7 @@ class InfluxConfig(_Strict):
     bucket: str = ""
     token: SecretStr = SecretStr("")
     batch_points: int = Field(default=5000, ge=1, le=100_000)
-    flush_interval_s: float = Field(default=0.2, gt=0, le=60)
+    flush_interval_s: float = Field(default=0.1, gt=0, le=60, description="longest wait for a fuller batch")
     timeout_s: float = Field(default=10.0, gt=0, le=300)
     gzip: bool = True
     create_database: bool = Field(default=True, description="v1 only: CREATE DATABASE at start")

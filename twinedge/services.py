@@ -93,7 +93,7 @@ class Mosquitto:
             f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             "persistence true",
             f"persistence_location {self.workdir}/",
-            "autosave_interval 1",
+            "autosave_interval 60",  # a graceful stop always saves; 1 s made the broker re-serialise every backlog each second
             "log_dest file " + str(self.log_path),
             "log_type error",
             "log_type warning",
