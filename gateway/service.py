@@ -249,7 +249,8 @@ class Gateway:
             node_rows.append((node, st))
         for node, st in node_rows:
             recs.append({"a": now, "m": "gateway_node",
-                         "tags": {"city": self.cfg.city, "node": node, "domain": self.node_domain.get(node, "")},
+                         "tags": {"city": self.cfg.city, "node": node, "domain": self.node_domain.get(node, ""),
+                                  "instance": self.cfg.instance},
                          "rows": [[t, {"received": st.received, "duplicates": st.duplicates, "gaps": st.gaps,
                                        "completeness": float(st.completeness), "last_seen": st.last_seen}, None, 0]]})
         lag_s = self._lag_seconds(now)
