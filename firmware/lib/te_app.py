@@ -70,11 +70,15 @@ class Node:
         self.cal = te_cfg.compile_cal(self.cfg["cal"])
         self.store = Store(ncfg.get("ring", 4096), self.cfg["flush_n"])
         self.wake = asyncio.Event()
-        self.mq = MQTT(self.nid, ncfg.get("broker", "127.0.0.1"), ncfg.get("port", 1883),
+        # tls: the city CA (installed next to node.json) must vouch for the broker; no
+        # plaintext fallback, and 8883 (MQTT over TLS) unless a port is given
+        ca = ncfg.get("ca", "ca.crt") if ncfg.get("tls") else None
+        self.mq = MQTT(self.nid, ncfg.get("broker", "127.0.0.1"), ncfg.get("port", 8883 if ca else 1883),
                        ncfg.get("user", self.id).encode(), ncfg.get("pass", "").encode(),
                        self.cfg["keepalive_s"], self.t_status,
                        b'{"v":1,"node":"%s","online":false}' % self.nid, self._on_msg, self.wake,
-                       self._on_ack, window=ncfg.get("window", 2))
+                       self._on_ack, window=ncfg.get("window", 2), ca=ca)
+        self.conn_err = None  # last connect failure, logged once per distinct reason
         # preallocated buffers
         self.rd = bytearray(te_wire.RSIZE)
         self.vals = [0] * 8
@@ -470,11 +474,17 @@ class Node:
                 try:
                     await mq.connect((self.t_cfg, self.t_cmd))
                     self.tr("conn", n=mq.connects, dups=mq.dups)
+                    if self.conn_err is not None:
+                        log("mqtt connected%s after failures" % (" (tls)" if mq.ca else ""))
+                        self.conn_err = None
                     self.was_up = True
                     backoff = 500
                     self.status_due = True
                 except Exception as e:
                     self.tr("connfail", err=str(e), backoff=backoff)
+                    if str(e) != self.conn_err:
+                        self.conn_err = str(e)
+                        log("mqtt connect failed:", self.conn_err)
                     # jittered exponential backoff, capped so a returning broker is
                     # found again within ~4 s
                     await asyncio.sleep_ms(backoff // 2 + random.getrandbits(12) % (backoff // 2 + 1))

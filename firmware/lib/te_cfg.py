@@ -1,6 +1,7 @@
 # Node configuration: defaults, whole-document validation, atomic persistence.
 # A config is validated completely before anything is applied; a rejected one leaves the
 # running config untouched and yields a one-line reason for status `cfg_err`.
+import binascii
 import json
 import os
 
@@ -146,3 +147,25 @@ def median(vals, n):
             j -= 1
         vals[j + 1] = x
     return vals[n // 2]
+
+
+def load_ca(path):
+    # The city CA certificate as DER (what mbedTLS takes from load_verify_locations); the
+    # file may be PEM (as `twinedge node install` copies it) or DER.
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        raise ValueError("%s missing: re-run `twinedge node install` with --ca" % path)
+    i = data.find(b"-----BEGIN CERTIFICATE-----")
+    if i < 0:
+        if data[:1] != b"\x30":  # DER starts with a SEQUENCE
+            raise ValueError("%s is not a certificate (PEM or DER)" % path)
+        return data
+    j = data.find(b"-----END CERTIFICATE-----", i)
+    if j < 0:
+        raise ValueError("%s: PEM certificate has no END line" % path)
+    try:
+        return binascii.a2b_base64(data[i + 27:j])
+    except ValueError:
+        raise ValueError("%s: PEM certificate is not valid base64" % path)

@@ -6,11 +6,17 @@
 # - clean_session is always set: the node's flash ring is its store-and-forward, so no
 #   broker session is needed (and mqtt_as' session-present trap cannot happen);
 # - keepalive: PINGREQ every keepalive/2; no packet at all from the broker for one
-#   keepalive means the link is dead (silent loss is detected within ~1.0-1.1 x keepalive).
+#   keepalive means the link is dead (silent loss is detected within ~1.0-1.1 x keepalive);
+# - TLS when a CA is given: the broker certificate must chain to the city CA and match the
+#   broker host name; there is no plaintext fallback, a failed handshake is a failed connect.
 import asyncio
+import errno
+import socket
 import struct
 import time
 from micropython import const
+
+import te_cfg
 
 T_CONNECT = const(0x10)
 T_PUBLISH = const(0x30)
@@ -23,6 +29,12 @@ CONNECT_TIMEOUT_MS = const(5000)
 
 class MQTTError(Exception):
     pass
+
+
+def _reason(e):
+    # mbedTLS messages come wrapped in newlines; keep a single line for the log
+    m = " ".join(str(e).split())
+    return m or repr(e)
 
 
 def _rl(buf, off, n):
@@ -52,8 +64,10 @@ def _put_str(buf, off, s):
 
 class MQTT:
     def __init__(self, client_id, host, port, user, password, keepalive, will_topic, will_msg,
-                 on_msg, wake, on_ack, window=4, slot_size=1280):
+                 on_msg, wake, on_ack, window=4, slot_size=1280, ca=None):
         self.cid = client_id
+        self.ca = ca  # path of the city CA (DER or PEM): TLS on, never plaintext
+        self.ctx = None
         self.host = host
         self.port = port
         self.user = user
@@ -83,15 +97,29 @@ class MQTT:
     # -- connection ----------------------------------------------------------------
     async def connect(self, subs):
         self.close()
-        r, w = await asyncio.wait_for_ms(asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT_MS)
-        self.r = r
-        self.w = w
+        if self.ca:
+            try:
+                await asyncio.wait_for_ms(self._open_tls(), CONNECT_TIMEOUT_MS)
+            except asyncio.TimeoutError:
+                self.close()
+                raise MQTTError("TLS handshake with %s:%d timed out" % (self.host, self.port))
+            except Exception:
+                self.close()
+                raise
+            r = self.r
+            if r is None:
+                raise MQTTError("TLS link closed")
+        else:
+            r, w = await asyncio.wait_for_ms(asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT_MS)
+            self.r = r
+            self.w = w
+            try:
+                w.s.setsockopt(6, 1, 1)  # IPPROTO_TCP, TCP_NODELAY (no constants on some ports)
+            except (AttributeError, OSError):
+                pass
         try:
-            w.s.setsockopt(6, 1, 1)  # IPPROTO_TCP, TCP_NODELAY (no constants on some ports)
-        except (AttributeError, OSError):
-            pass
-        try:
-            await self._send(self._connect_packet())
+            if not self.ca:
+                await self._send(self._connect_packet())
             hdr = await asyncio.wait_for_ms(r.readexactly(4), CONNECT_TIMEOUT_MS)
         except Exception:
             self.close()
@@ -112,6 +140,62 @@ class MQTT:
             await self._subscribe(subs)
         self.tasks = [asyncio.create_task(self._reader()), asyncio.create_task(self._pinger())]
         self.wake.set()
+
+    def _context(self):
+        # one SSLContext per client: the CA is parsed once, not on every reconnect
+        if self.ctx is None:
+            import tls  # only TLS nodes pay for the module
+
+            ctx = tls.SSLContext(tls.PROTOCOL_TLS_CLIENT)
+            try:
+                # positional: the C implementation takes no cadata= keyword; DER, since
+                # mbedTLS rejects PEM without a trailing NUL ("invalid cert")
+                ctx.load_verify_locations(te_cfg.load_ca(self.ca))
+            except (OSError, ValueError) as e:
+                raise MQTTError("TLS CA %s unusable: %s" % (self.ca, _reason(e)))
+            ctx.verify_mode = tls.CERT_REQUIRED  # type: ignore  # real attribute, missing from the stubs
+            self.ctx = ctx
+        return self.ctx
+
+    async def _open_tls(self):
+        # Non-blocking all the way: the socket connects in the background and mbedTLS runs
+        # the handshake inside the first write (do_handshake_on_connect=False), driven by
+        # the stream's poll loop, so sampling never waits on a slow handshake. The CONNECT
+        # packet goes out in that first write; certificate/host-name errors surface there.
+        ctx = self._context()
+        ai = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)[0]
+        s = socket.socket(ai[0], ai[1], ai[2])
+        try:
+            s.setsockopt(6, 1, 1)  # TCP_NODELAY on the raw socket: the TLS one has no setsockopt
+        except (AttributeError, OSError):
+            pass
+        s.setblocking(False)
+        try:
+            s.connect(ai[-1])
+        except OSError as e:
+            if e.errno != errno.EINPROGRESS:
+                s.close()
+                raise
+        try:
+            ss = ctx.wrap_socket(s, server_hostname=self.host, do_handshake_on_connect=False)
+        except Exception as e:
+            s.close()
+            raise MQTTError("TLS setup failed: %s" % _reason(e))
+        # MicroPython's StreamReader/StreamWriter are both Stream(sock, extra); two thin
+        # wrappers of one socket keep the CPython-shaped stubs happy
+        self.r = asyncio.StreamReader(ss, {})  # type: ignore
+        self.w = asyncio.StreamWriter(ss, {})  # type: ignore
+        try:
+            await self._send(self._connect_packet())
+        except OSError as e:
+            self.close()
+            if e.errno is not None and e.errno > 0:
+                # plain socket error (refused, unreachable): not a TLS verdict
+                raise MQTTError("connect to %s:%d failed: %s" % (self.host, self.port, _reason(e)))
+            raise MQTTError("TLS handshake with %s:%d failed: %s" % (self.host, self.port, _reason(e)))
+        except Exception as e:
+            self.close()
+            raise MQTTError("TLS handshake with %s:%d failed: %s" % (self.host, self.port, _reason(e)))
 
     def _connect_packet(self):
         flags = 0x02  # clean session
