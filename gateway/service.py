@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -321,6 +322,10 @@ class Gateway:
     # -- lifecycle --------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        # The hot path allocates many short-lived dicts and lists; a larger young generation halves
+        # the number of collections (measured with bench/mirror_bench.py and bench/gateway_bench.py).
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
         self.appended = asyncio.Condition()
         self.add_sink(InfluxSink(self.cfg.influx, self.log, self.appended, self.dead, self.metrics, self.health,
                                  self._release))
