@@ -142,15 +142,18 @@ class InfluxSink:
         self.points_written = 0
         self.oldest_pending_at: float | None = None
         self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()  # stop or drain: cut the flush wait short
         self.draining = False
         self.failing_since: float | None = None
 
     def stop(self) -> None:
         self._stop.set()
+        self._hurry.set()
 
     async def drain(self) -> None:
         """Shutting down: write what is in the log now instead of waiting for the flush interval."""
         self.draining = True
+        self._hurry.set()
         async with self.appended:
             self.appended.notify_all()
 
@@ -197,7 +200,12 @@ class InfluxSink:
                 if n < self.cfg.batch_points and first_at is not None and not self.draining:
                     wait = self.cfg.flush_interval_s - (time.time() - first_at)
                     if wait > 0 and not self._stop.is_set():
-                        await self._wait_for_data(wait)
+                        # Sleep out the flush interval instead of waking (and re-reading the pending
+                        # records) on every append: that was quadratic with many small messages.
+                        try:
+                            await asyncio.wait_for(self._hurry.wait(), wait)
+                        except asyncio.TimeoutError:
+                            pass
                         chunks, n, offset, first_at = self._collect()
                 body = b"".join(chunks)
                 ok = await self._retry(lambda: self._write(writer, body, n), "write")
