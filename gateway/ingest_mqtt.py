@@ -46,7 +46,7 @@ class Inbound:
     qos: int
     generation: int
     received_at: float
-    retain: bool
+    retain: bool = False
 
 
 class MqttIngest:

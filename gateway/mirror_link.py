@@ -14,7 +14,6 @@ import ssl
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -22,17 +21,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.ingest_mqtt import Inbound
+
 log = logging.getLogger("twinedge.gateway.mirror")
 
 
-@dataclass(slots=True)
-class LinkMessage:
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-    generation: int
-    received_at: float
+# A message received on a mirror link: the same shape as the city ingest's.
+LinkMessage = Inbound
 
 
 class MqttLink:
