@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import socket
 import threading
 import time
 import urllib.error
@@ -38,7 +37,7 @@ from twinedge import services
 from twinedge.demo_provision import NodePlan, Provisioner, node_codes, plan_nodes
 from twinedge.demo_world import World
 from twinedge.gatewayproc import GatewayProcess
-from twinedge.services import Influxd, Mosquitto, ServiceError
+from twinedge.services import Influxd, Mosquitto, ServiceError, port_free
 
 REPO = Path(__file__).resolve().parents[1]
 SHIMS = REPO / "hil_tests" / "board"
@@ -139,22 +138,13 @@ def start_with_retry(make: Callable[[int], T], start: Callable[[T], T], what: st
     raise DemoError(f"{what} did not start after {attempts} tries on different ports: {last}")
 
 
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 S = TypeVar("S", Mosquitto, Influxd)
 
 
 def start_checked(svc: S, extra_ports: tuple[int, ...] = ()) -> S:
-    """Start a broker or InfluxDB and make sure it is *ours* that listens: a port already taken by
-    another program would otherwise pass the readiness check (the connect reaches that program)."""
-    for port in (svc.port, *extra_ports):
+    """Start a broker or InfluxDB and make sure it is *ours* that listens. `start()` refuses a taken
+    main port itself; the extra ports (the partner TLS listener) are checked here."""
+    for port in extra_ports:
         if port and not port_free(port):
             raise ServiceError(f"port {port} is taken by another program")
     svc.start()

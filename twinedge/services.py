@@ -130,7 +130,7 @@ class Mosquitto:
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        _stop(self.proc, sig)
+        stop_process(self.proc, sig)
         self.proc = None
 
     def kill(self) -> None:
@@ -231,7 +231,7 @@ bind-address = "127.0.0.1:{bind_port}"
         self.query(f'CREATE DATABASE "{db}"', method="POST")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        _stop(self.proc, sig)
+        stop_process(self.proc, sig)
         self.proc = None
 
     def __enter__(self) -> "Influxd":
@@ -241,7 +241,8 @@ bind-address = "127.0.0.1:{bind_port}"
         self.stop()
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
+def stop_process(proc: "subprocess.Popen[bytes] | None", sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+    """Signal a process group started with start_new_session=True; SIGKILL it if it outlives `timeout`."""
     if proc is None or proc.poll() is not None:
         return
     try:
@@ -249,7 +250,7 @@ def _stop(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
     except ProcessLookupError:
         return
     try:
-        proc.wait(timeout=15)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=5)
@@ -292,5 +293,5 @@ class VictoriaMetrics:
             return [json.loads(line) for line in r.read().decode().splitlines() if line.strip()]
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        _stop(self.proc, sig)
+        stop_process(self.proc, sig)
         self.proc = None

@@ -14,9 +14,6 @@ class DS18X20:
     def convert_temp(self):
         self._conv = te_sim.vms()
 
-    def read_scratch(self, rom):
-        raise NotImplementedError
-
     def read_temp(self, rom):
         if te_sim.missing("temp"):
             raise Exception("CRC error")

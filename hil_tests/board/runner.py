@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from twinedge.services import stop_process
+
 REPO = Path(__file__).resolve().parents[2]
 FIRMWARE = REPO / "firmware"
 BOARD = Path(__file__).resolve().parent
@@ -177,17 +179,7 @@ class NodeProcess:
 
     def _end(self, sig: int) -> None:
         self._want = False
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
+        stop_process(self.proc, sig, timeout=5)
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
