@@ -27,9 +27,10 @@ import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable
+from itertools import chain
 from operator import itemgetter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import aiohttp
 from prometheus_client import Counter, Gauge
@@ -41,9 +42,9 @@ from gateway.dead_letter import DeadLetter
 from gateway.mirror_archive import ACKED, REJECTED, Archive
 from gateway.mirror_link import LinkMessage, MqttLink
 from gateway.mirror_policy import POINT_TAGS, Policy, PolicyError, ShareRule, finite, load_policy
-from gateway.mirror_wire import (DIGEST_VERSION, Point, Segment, Spec, WireError, canon_row, check_manifest,
-                                 decode_body, digest_points, encode_segments, segments_from_points, split_batch,
-                                 strictly_increasing)
+from gateway.mirror_wire import (DIGEST_VERSION, Point, Segment, Spec, WireError, check_manifest, decode_body,
+                                 digest_points, encode_segments, fast_columns, make_segment, segment_head,
+                                 segments_from_points, split_batch, strictly_increasing)
 from gateway.schema import NAME_RE
 from gateway.sink_influx import InfluxWriter, Retryable
 
@@ -55,7 +56,9 @@ log = logging.getLogger("twinedge.gateway.mirror")
 TOPIC_ROOT = "mirror"
 _SKIP = object()
 INFLUX_TAGS = set(POINT_TAGS) | {"origin"}
+_T = itemgetter(0)
 _FIELDS = itemgetter(1)
+_SEQ = itemgetter(2)
 # Bytes the durable log puts before each record (u32 length, u32 crc32; gateway/durable_log.py).
 LOG_FRAME_OVERHEAD = 8
 
@@ -197,6 +200,8 @@ class MirrorSink:
         # (m, node, bin) -> [tags, {field: [n, sum, max, min]}, dirty]
         self._bins: dict[tuple[str, str, int], list[Any]] = {}
         self._plans: dict[str, Plan] = {}
+        self._routes: dict[tuple[Any, ...], str | _Route] = {}
+        self._cursor_saved_at = 0.0
         self.feed: RecordFeed | None = None
         for m, node, b, tags, state in archive.agg_dirty():
             self._bins[(m, node, b)] = [tags, state, True]
@@ -209,77 +214,70 @@ class MirrorSink:
         self._stop.set()
 
     # -- transforms ---------------------------------------------------------------------
-    def transform(self, rec: dict[str, Any], buf: dict[tuple[Any, ...], Segment]) -> int:
-        """Policy filter and transforms of one log record into `buf` (segments by series and hour).
-        Returns the number of points added."""
-        m = rec.get("m", "")
+    def _route(self, m: str, tags: dict[str, Any]) -> "str | _Route":
+        """Where a record of this measurement and tag set goes: a reason it is not mirrored, or its route."""
         rule = self.policy.rule(m)
         if rule is None:
-            self.metrics.filtered.labels("measurement").inc()
-            return 0
-        tags: dict[str, str] = rec.get("tags", {})
+            return "measurement"
         if tags.get("city") != self.city:
             # Never mirror what is not ours: this is what makes two mirroring cities loop-free.
-            self.metrics.filtered.labels("not_our_city").inc()
-            return 0
+            return "not_our_city"
         dom = tags.get("domain")
         if dom and dom not in rule.domains:
-            self.metrics.filtered.labels("domain").inc()
-            return 0
-        node = tags.get("node", "")
+            return "domain"
+        node = str(tags.get("node", ""))
         if not rule.node_ok(node):
-            self.metrics.filtered.labels("node").inc()
-            return 0
+            return "node"
         out_tags = {k: str(tags[k]) for k in ("city", "domain", "node") if tags.get(k)}
         site = rule.site_value(str(tags.get("site", "")))
         if site:
             out_tags["site"] = site
+        plan = self._plan(rule)
+        return _Route(rule, plan, out_tags, (m, tuple(out_tags.items())), node, segment_head(m, out_tags, plan.names))
+
+    def transform(self, rec: dict[str, Any], buf: dict[tuple[Any, ...], "_Pending"]) -> int:
+        """Policy filter of one log record; its rows go to `buf` (per series and hour) as references and are
+        turned into columns once per flush (Plan.segments). Returns the number of rows taken."""
+        m = rec.get("m", "")
+        tags: dict[str, Any] = rec.get("tags", {})
+        ck = (m, tuple(tags.items()))
+        route = self._routes.get(ck)
+        if route is None:
+            if len(self._routes) >= 100_000:
+                self._routes.clear()
+            route = self._routes[ck] = self._route(m, tags)
+        if isinstance(route, str):
+            self.metrics.filtered.labels(route).inc()
+            return 0
         rows = rec["rows"]
-        if rule.aggregate_minutes:
-            self._aggregate(rule, m, node, out_tags, rows)
+        if route.rule.aggregate_minutes:
+            self._aggregate(route.rule, m, route.node, route.tags, rows)
             return 0
         if not rows:
             return 0
-        plan = self._plan(rule)
-        ts = [r[0] for r in rows]
-        if len(set(map(type, ts))) != 1 or type(ts[0]) is not int:
-            ts = [int(t) for t in ts]
-        rendered = render_fast(plan, rows)
-        if rendered is not None:
-            texts, canon = rendered
-            seqs = [r[2] for r in rows]
-        else:
-            ts, seqs, texts, canon = render_slow(rule, plan, rows)
-            if not ts:
-                return 0
-        series = (m, tuple(out_tags.items()))
-        h0 = ts[0] - ts[0] % 3600
-        ordered = strictly_increasing(ts)
-        if ordered and ts[-1] < h0 + 3600:
-            self._append(buf, series, out_tags, plan, h0, ts, seqs, texts, canon, True)
-        else:  # spans hours or out of order: one point at a time (rare)
-            for i, t in enumerate(ts):
-                self._append(buf, series, out_tags, plan, t - t % 3600, [t], [seqs[i]], [texts[i]],
-                             None if canon is None else [canon[i]], True)
-        return len(ts)
-
-    @staticmethod
-    def _append(buf: dict[tuple[Any, ...], Segment], series: tuple[Any, ...], tags: dict[str, str], plan: "Plan",
-                 hour: int, ts: list[int], seqs: list[Any], texts: list[str], canon: list[str] | None, ordered: bool) -> None:
-        key = (series, hour)
-        seg = buf.get(key)
-        if seg is None:
-            buf[key] = Segment(series[0], dict(tags), hour, list(plan.names), ts, seqs, texts, canon, ordered)
-            return
-        if not ordered or ts[0] <= seg.ts[-1]:
-            seg.ordered = False
-        if canon is not None or seg.canon is not None:
-            if seg.canon is None:
-                seg.canon = list(seg.rows)
-            seg.canon.extend(canon if canon is not None else texts)
-        seg.ts.extend(ts)
-        seg.seqs.extend(seqs)
-        seg.rows.extend(texts)
+        t0, t1 = rows[0][0], rows[-1][0]
+        if type(t0) is int and type(t1) is int and t0 <= t1 < t0 - t0 % 3600 + 3600:
+            # One hour by its ends (the usual record); Plan.segments checks every time.
+            key = (route.series, t0 - t0 % 3600)
+            pend = buf.get(key)
+            if pend is None:
+                pend = buf[key] = _Pending(route, t0 - t0 % 3600)
+            elif t0 <= pend.last_t:
+                pend.ordered = False
+            pend.last_t = t1
+            pend.rows.extend(rows)
+            return len(rows)
+        for row in rows:  # times spanning hours, out of order or not integers (rare): row by row
+            t = int(row[0])
+            key = (route.series, t - t % 3600)
+            pend = buf.get(key)
+            if pend is None:
+                pend = buf[key] = _Pending(route, t - t % 3600)
+            elif t <= pend.last_t:
+                pend.ordered = False
+            pend.last_t = t
+            pend.rows.append(row)
+        return len(rows)
 
     def _plan(self, rule: ShareRule) -> "Plan":
         plan = self._plans.get(rule.measurement)
@@ -371,7 +369,7 @@ class MirrorSink:
         return records.decode(blob)
 
     async def run(self) -> None:
-        buf: dict[tuple[Any, ...], Segment] = {}
+        buf: dict[tuple[Any, ...], _Pending] = {}
         npoints = 0
         first_a: float | None = None
         offset = self.cursor
@@ -397,11 +395,14 @@ class MirrorSink:
             self.oldest_pending_at = first_a
             age = now - first_a if first_a is not None else 0.0
             bins_due = any(s[2] for s in self._bins.values()) and now - last_bins >= 1.0
+            # A batch goes when it is full or its oldest record is batch_max_age_s old (not each time the
+            # sink catches up with ingest: many small batches cost a commit, fsyncs and a message each).
             if npoints >= self.cfg.batch_max_points or (first_a is not None and age >= self.cfg.batch_max_age_s) \
-                    or (not recs and (bins_due or offset != self.cursor)):
+                    or (not recs and (bins_due or (first_a is None and offset != self.cursor))):
                 last_bins = now
                 agg_points, agg_rows = self._closed_bins(now)
-                segs = list(buf.values()) + segments_from_points(agg_points, self.spec_for)
+                segs = _segments(buf)
+                segs += segments_from_points(agg_points, self.spec_for)
                 await self._flush(segs, first_a or now, offset, agg_rows)
                 applied = offset
                 buf, npoints, first_a = {}, 0, None
@@ -426,7 +427,13 @@ class MirrorSink:
             if chunk:
                 self.batch_ready.set()
         self.cursor = offset
-        self.gw.log.commit_cursor(self.name, offset)
+        now = time.monotonic()
+        if now - self._cursor_saved_at >= 2.0:
+            # The archive's applied offset (committed with the batch above) is what a restart resumes from;
+            # the log's cursor file may lag a little (it only keeps log segments longer), so it is not
+            # written and fsynced after every batch.
+            self.gw.log.commit_cursor(self.name, offset)
+            self._cursor_saved_at = now
         self.gw._release()
 
     async def _take_tokens(self, n: int) -> None:
@@ -455,61 +462,11 @@ class MirrorSink:
         return batch_id
 
 
-def render_fast(plan: "Plan", rows: list[Any]) -> tuple[list[str], list[str] | None] | None:
-    """Row texts of a record whose shared fields are all present and all floats (or all ints) per
-    field, with rules that keep or round: one %-format per row, no per-value Python. None otherwise."""
-    if plan.getter is None:
-        return None
-    try:
-        vals = list(map(plan.getter, map(_FIELDS, rows)))
-    except (KeyError, TypeError, IndexError):
-        return None
-    sig = []
-    for col in zip(*vals):
-        kinds = set(map(type, col))
-        if len(kinds) != 1:
-            return None
-        kind = kinds.pop()
-        if kind is float:
-            sig.append(0)
-        elif kind is int and max(col) < 10**15 and min(col) > -10**15:
-            sig.append(1)
-        else:
-            return None
-    fmts = plan.formats.get(tuple(sig))
-    if fmts is None:
-        fmts = plan.formats[tuple(sig)] = plan.make_formats(sig)
-    wire, canon = fmts
-    texts = list(map(wire.__mod__, vals))
-    return texts, (None if canon is None else list(map(canon.__mod__, vals)))
-
-
-def render_slow(rule: ShareRule, plan: "Plan", rows: list[Any]) -> tuple[list[int], list[Any], list[str], list[str]]:
-    """Any record: the field rules value by value (absent values, booleans, mixed types, steps)."""
-    ts: list[int] = []
-    seqs: list[Any] = []
-    texts: list[str] = []
-    canon: list[str] = []
-    steps = plan.steps
-    for row in rows:
-        t, fields, seq = row[0], row[1], row[2]
-        f: dict[str, Any] = {}
-        for k, v in fields.items():
-            step = steps.get(k, _SKIP)
-            if step is _SKIP or v is None:
-                continue
-            if step is None:
-                f[k] = v
-            elif type(v) is float and type(step) is int:
-                f[k] = round(v, step)
-            else:
-                f[k] = rule.fields[k].apply(v)
-        if f:
-            ts.append(int(t))
-            seqs.append(seq)
-            texts.append(json.dumps([f.get(k) for k in plan.names], separators=(",", ":"), allow_nan=False))
-            canon.append(canon_row(plan.spec, f))
-    return ts, seqs, texts, canon
+def _segments(buf: dict[tuple[Any, ...], _Pending]) -> list[Segment]:
+    by_plan: dict[int, tuple[Plan, list[_Pending]]] = {}
+    for pend in buf.values():
+        by_plan.setdefault(id(pend.route.plan), (pend.route.plan, []))[1].append(pend)
+    return [seg for plan, pends in by_plan.values() for seg in plan.segments(pends)]
 
 
 def _chunks(segments: list[Segment], max_points: int) -> list[list[Segment]]:
@@ -524,11 +481,7 @@ def _chunks(segments: list[Segment], max_points: int) -> list[list[Segment]]:
                 room -= len(seg.ts)
                 break
             k = room
-            head = Segment(seg.m, seg.tags, seg.hour, seg.names, seg.ts[:k], seg.seqs[:k], seg.rows[:k],
-                           None if seg.canon is None else seg.canon[:k], seg.ordered or strictly_increasing(seg.ts[:k]))
-            rest = seg.ts[k:]
-            seg = Segment(seg.m, seg.tags, seg.hour, seg.names, rest, seg.seqs[k:], seg.rows[k:],
-                          None if seg.canon is None else seg.canon[k:], seg.ordered or strictly_increasing(rest))
+            head, seg = seg.slice(0, k), seg.slice(k, len(seg.ts))
             cur.append(head)
             out.append(cur)
             cur, room = [], max_points
@@ -540,36 +493,131 @@ def _chunks(segments: list[Segment], max_points: int) -> list[list[Segment]]:
     return out
 
 
+class _Route(NamedTuple):
+    """A mirrored series: its rule and plan, the tags it is sent with, and its node."""
+    rule: ShareRule
+    plan: "Plan"
+    tags: dict[str, str]
+    series: tuple[Any, ...]
+    node: str
+    head: str
+
+
+class _Pending:
+    """Rows of one series and hour taken from log records since the last flush (references, not copies)."""
+
+    __slots__ = ("route", "hour", "rows", "last_t", "ordered")
+
+    def __init__(self, route: _Route, hour: int) -> None:
+        self.route = route
+        self.hour = hour
+        self.rows: list[Any] = []
+        self.last_t = -(2**63)
+        self.ordered = True
+
+    def times(self) -> tuple[list[int], list[Any], bool] | None:
+        """Times, sequence numbers and whether the times strictly increase; None when a time is
+        not an integer or falls outside the hour (the caller re-sorts those rows)."""
+        ts = list(map(_T, self.rows))
+        if set(map(type, ts)) != {int}:
+            return None
+        increasing = strictly_increasing(ts)
+        lo, hi = (ts[0], ts[-1]) if increasing else (min(ts), max(ts))
+        if not self.hour <= lo <= hi < self.hour + 3600:
+            return None
+        return ts, list(map(_SEQ, self.rows)), self.ordered and increasing
+
+
 class Plan:
-    """Per shared measurement: output field order, value steps, and %-formats for the fast path."""
+    """Per shared measurement: output field order and decimals, value steps, and the column fast path."""
 
     def __init__(self, rule: ShareRule) -> None:
+        self.rule = rule
         self.spec: Spec = rule.canon_spec()
         self.names = [k for k, _d in self.spec]
         # Per field: None = keep as is, int = round to N decimals, the rule itself otherwise.
         self.steps: dict[str, Any] = {
             k: None if fr.round is None and fr.quantum is None else (fr.round if fr.quantum is None else fr)
             for k, fr in rule.fields.items()}
-        fast = (not rule.aggregate_minutes and len(self.names) >= 2
+        fast = (not rule.aggregate_minutes and len(self.names) >= 1
                 and all(k in self.steps and (self.steps[k] is None or type(self.steps[k]) is int) for k in self.names))
         self.getter: Any = itemgetter(*self.names) if fast else None
-        self.formats: dict[tuple[int, ...], tuple[str, str | None]] = {}
 
-    def make_formats(self, sig: list[int]) -> tuple[str, str | None]:
-        """Wire and canonical row formats for column kinds (0 float, 1 int). round(v, N) and "%.Nf" % v
-        are the same correctly rounded decimal; "%.0f.0" keeps a float a float on the wire."""
-        wire, canon = [], []
-        for (_k, d), kind in zip(self.spec, sig):
-            if kind == 0:
-                f = "%r" if d is None else ("%.0f.0" if d == 0 else f"%.{d}f")
-                wire.append(f)
-                canon.append(f)
-            else:  # integers stay integers on the wire; canonical text as a float's
-                wire.append("%d")
-                canon.append("%.1f" if d is None else ("%.0f.0" if d == 0 else f"%.{d}f"))
-        w = "[" + ",".join(wire) + "]"
-        c = "[" + ",".join(canon) + "]"
-        return w, (None if c == w else c)
+    def segments(self, pends: list[_Pending]) -> list[Segment]:
+        """The pending series' segments: one vectorised pass per field over all their rows when every
+        shared field is present and of one number type (mirror_wire.fast_columns), then the columns are
+        sliced per series; anything else goes through the field rules value by value."""
+        timed = []
+        odd: list[_Pending] = []
+        for p in pends:
+            t = p.times()
+            if t is None:
+                odd.append(p)
+            else:
+                timed.append((p, t))
+        out: list[Segment] = []
+        if timed and self.getter is not None:
+            try:
+                vals: list[Any] | None = list(map(self.getter, map(_FIELDS, chain.from_iterable(p.rows for p, _t in timed))))
+            except (KeyError, TypeError, IndexError):
+                vals = None
+            fast = None
+            if vals is not None:
+                fast = fast_columns(self.spec, list(zip(*vals)) if len(self.names) > 1 else [vals])
+            if fast is not None:
+                kinds, wire, canon = fast
+                a = 0
+                for p, (ts, seqs, ordered) in timed:
+                    b = a + len(ts)
+                    w = [c[a:b] for c in wire]
+                    cn = [c[a:b] for c in canon]
+                    out.append(Segment(p.route.series[0], p.route.tags, p.hour, self.names, ts, seqs, kinds, w, None,
+                                       cn, [], ordered, p.route.head))
+                    a = b
+                timed = []
+            elif len(timed) > 1:  # some series need the value-by-value way: find them one by one
+                for p, _t in timed:
+                    out.extend(self.segments([p]))
+                timed = []
+        for p, (ts, seqs, ordered) in timed:
+            seg = self.slow_segment(p, ts, seqs, ordered)
+            if seg is not None:
+                out.append(seg)
+        for p in odd:  # re-sort rows by their integer time into hours
+            by_hour: dict[int, _Pending] = {}
+            for row in p.rows:
+                t = int(row[0])
+                q = by_hour.get(t - t % 3600)
+                if q is None:
+                    q = by_hour[t - t % 3600] = _Pending(p.route, t - t % 3600)
+                q.rows.append([t, *row[1:]])
+            for q in by_hour.values():
+                q.ordered = p.ordered
+                out.extend(self.segments([q]))
+        return out
+
+    def slow_segment(self, p: _Pending, ts: list[int], seqs: list[Any], ordered: bool) -> Segment | None:
+        """Any rows: the field rules value by value (absent values, booleans, mixed types, steps)."""
+        kept_ts: list[int] = []
+        kept_seqs: list[Any] = []
+        points: list[dict[str, Any]] = []
+        steps = self.steps
+        fields_rules = self.rule.fields
+        for t, row, seq in zip(ts, p.rows, seqs):
+            f: dict[str, Any] = {}
+            for k, v in row[1].items():
+                step = steps.get(k, _SKIP)
+                if step is _SKIP or v is None or (type(v) is float and not math.isfinite(v)):
+                    continue
+                f[k] = v if step is None else fields_rules[k].apply(v)
+            if f:
+                kept_ts.append(t)
+                kept_seqs.append(seq)
+                points.append(f)
+        if not kept_ts:
+            return None
+        return make_segment(p.route.series[0], dict(p.route.tags), p.hour, self.spec, kept_ts, kept_seqs, points,
+                            ordered and strictly_increasing(kept_ts))
 
 
 class RecordFeed:
@@ -1019,13 +1067,12 @@ class Receiver:
                                          f'AND time >= {hour}s AND time < {hour + 3600}s')
         rule = self.policy.rule(m)
         spec = rule.canon_spec() if rule is not None else ()
-        pts: dict[int, str] = {}
+        pts: dict[int, dict[str, Any]] = {}
         for s in res.get("results", [{}])[0].get("series", []) or []:
             cols = s["columns"]
             for row in s["values"]:
-                fields = {c: v for c, v in zip(cols, row) if c != "time" and c not in INFLUX_TAGS and v is not None}
-                pts[int(row[0])] = canon_row(spec, fields)
-        return digest_points(pts)
+                pts[int(row[0])] = {c: v for c, v in zip(cols, row) if c != "time" and c not in INFLUX_TAGS and v is not None}
+        return digest_points(pts, spec)
 
 
 def _peek_bid(payload: bytes) -> str | None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.mirror_wire import KeyDigest, Point, Segment, Spec, canon_row, decode_body, digest_points, split_batch
+from gateway.mirror_wire import KeyDigest, Point, Segment, Spec, decode_body, digest_points, split_batch
 
 PENDING, ACKED, REJECTED = 0, 1, 2
 
@@ -159,10 +159,13 @@ class Archive:
                                 "ON CONFLICT(k) DO UPDATE SET v = excluded.v", (str(applied_offset),))
         if msg is None or batch_id is None:
             return
-        for k, ok in fresh.items():
-            self.running[k] = KeyDigest(valid=ok)
         for seg in segments:
-            self.running[seg.key].feed(seg.ts, seg.canon if seg.canon is not None else seg.rows, seg.ordered)
+            if not seg.ts:
+                continue
+            run = self.running.get(seg.key)
+            if run is None:
+                run = self.running[seg.key] = KeyDigest(len(seg.canon), valid=fresh.get(seg.key, False))
+            run.feed(seg.ts, seg.canon, seg.others, seg.ordered)
 
     def agg_load(self, m: str, node: str, bin_t: int) -> tuple[dict[str, str], dict[str, list[float]]] | None:
         row = self.db.execute("SELECT tags, state FROM agg WHERE m = ? AND node = ? AND bin = ?", (m, node, bin_t)).fetchone()
@@ -241,7 +244,7 @@ class Archive:
             else:
                 spec = spec_for(m) or ()
                 pts = self.key_points(m, node, hour, cache)
-                n, h = digest_points({t: canon_row(spec, p.fields) for t, p in pts.items()})
+                n, h = digest_points({t: p.fields for t, p in pts.items()}, spec)
                 if len(cache) > 256:
                     cache.clear()
             updates.append((n, h, m, node, hour))

@@ -45,6 +45,8 @@ class FieldRule(_Strict):
             return v  # integer fields stay integers (InfluxDB field types must not change)
         if self.quantum is not None:
             v = round(v / self.quantum) * self.quantum
+        if not math.isfinite(v):
+            return v
         if self.round is not None:
             v = round(float(v), self.round)
         elif self.quantum is not None:

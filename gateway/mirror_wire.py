@@ -2,48 +2,70 @@
 
 One MQTT message = one batch:
 
-    b"TWM1" | u32 manifest length | manifest (JSON) | body (zlib-compressed JSON)
+    b"TWM1" | u32 manifest length | manifest (JSON) | body (zlib level 1)
 
 The manifest says who sent what: origin, destination, policy name and version, batch id,
 per (measurement, node) the count, sequence ranges and time span, the total point count,
 and the SHA-256 of the compressed body.
 
-Body v2 (what we send): a list of segments, one per series (measurement + tag set) and hour:
-times and sequence numbers as (first, step) when regular, else delta-encoded, the field names once, then one JSON array per
-point (null = absent). The sender renders each point's row text once and uses the same
-text for the body and for the reconciliation digest, so it never builds per-point objects
-on its hot path. Body v1 (columnar, one value list per field) is still decoded: archives
-written before the upgrade are replayed from.
+Body v3 (what we send), before compression: `b"TWB3" | u32 header length | header JSON | columns`.
+The header lists segments, one per series (measurement + tag set) and hour: times and sequence
+numbers as (first, step) when regular, else delta-encoded, the field names once (`k`), and
+either the kinds of one binary column per field (`c`) or, for points the columns cannot hold
+(absent values, booleans, mixed types), one JSON array per point (`v`, null = absent). The
+columns follow the header in segment and field order, little-endian: `"i"` int64 (integer
+field), `"d"` float64 (number kept as is), `"fN"` int64 fixed point (a `round = N` field: the
+value is q / 10**N); `"/2"` or `"/4"` after an integer kind means int16 / int32. The sender builds
+the columns of a whole flush with a few vectorised calls per field instead of formatting every
+value as text. Bodies v2
+(JSON rows) and v1 (JSON columns) are still decoded: archives written before an upgrade replay.
 
-Reconciliation digest of one (measurement, node, hour): count, and BLAKE2b-64 over two
-canonical streams in time order — the times (`t,` each) and the rows (`[v,...],` each, the
-policy's output fields in name order, rounded fields as `%.Nf`, other numbers as
-repr(float), so an InfluxDB round trip keeps it). The sender feeds the streams while it
-builds batches; the partner rebuilds them from its InfluxDB.
+Reconciliation digest of one (measurement, node, hour), version 3: count, and BLAKE2b-64 over
+canonical streams in time order: the times (int64), one stream per output field of the policy
+(name order) — int64 round(v, N) * 10**N for a field with N decimals (round = N, or 9 for a
+quantum step), float64 for a field kept as is, a sentinel for absent — and one text stream
+for what is not a number (booleans, strings, fields outside the policy, so they never match).
+For the common case these streams are the very bytes of the body's columns, so the sender
+feeds its running digests with them; the partner rebuilds them from its InfluxDB (an integral
+float read back as an int gives the same stream).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
+import sys
 import zlib
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from operator import lt, sub
 from typing import Any
 
+import numpy as np
+
 MAGIC = b"TWM1"
+BODY3 = b"TWB3"
 _LEN = struct.Struct("<I")
 MAX_MANIFEST = 1024 * 1024
-# zlib level 1: bench/mirror_bench.py measured ~7 B/reading (level 6: ~5 B) at a third of the CPU;
-# the target is 38 B (5x under line protocol).
+MAX_BODY = 256 * 1024 * 1024
+# zlib level 1: bench/mirror_bench.py measured it at a third of level 6's CPU; the target is 38 B
+# per reading (5x under line protocol), level 1 gives a few bytes.
 ZLIB_LEVEL = 1
-WIRE_VERSION = 2
-DIGEST_VERSION = 2
+WIRE_VERSION = 3
+DIGEST_VERSION = 3
+_LITTLE = sys.byteorder == "little"
+_I2, _I4, _I8, _F8 = np.dtype("<i2"), np.dtype("<i4"), np.dtype("<i8"), np.dtype("<f8")
+_WIDTHS = {"2": _I2, "4": _I4, "": _I8}
+# Digest sentinels for "no number here" (absent, or see the text stream).
+_NO_Q = -(2**63)
+_NO_D = float("nan")
 
 # A canonical spec: the output field names of a rule, in name order, each with its decimals
-# (round = N, or 9 for a quantum step) or None (a number as repr(float)).
+# (round = N, or 9 for a quantum step) or None (a number kept as is).
 Spec = tuple[tuple[str, int | None], ...]
 
 
@@ -69,16 +91,20 @@ class Point:
 
 @dataclass(slots=True)
 class Segment:
-    """Points of one series (measurement + tags) in one hour, rows already rendered."""
+    """Points of one series (measurement + tags) in one hour, values already in wire and digest form."""
     m: str
     tags: dict[str, str]
     hour: int
     names: list[str]
     ts: list[int]
     seqs: list[int | None]
-    rows: list[str]              # wire text of each point's values, e.g. "[7.99,15.0]"
-    canon: list[str] | None      # canonical text per point where it differs from `rows` (integer columns)
+    kinds: list[str] | None      # binary columns: kind per field ("i", "d", "fN"); None = JSON rows
+    cols: list[Any] | None       # binary columns (wire; numpy, little-endian), one per field
+    rows: list[str] | None       # JSON rows, e.g. "[7.99,null]", when the columns cannot hold the points
+    canon: list[Any]             # digest stream per field (numpy int64/float64; often the wire column)
+    others: list[tuple[int, str]]  # digest text of values that are not numbers: (index in segment, text)
     ordered: bool = True         # times strictly increasing
+    head: str = ""               # cached JSON of m, tags and field names (the sender's routes keep it)
 
     @property
     def node(self) -> str:
@@ -87,6 +113,13 @@ class Segment:
     @property
     def key(self) -> tuple[str, str, int]:
         return self.m, self.tags.get("node", ""), self.hour
+
+    def slice(self, a: int, b: int) -> "Segment":
+        ts = self.ts[a:b]
+        return Segment(self.m, self.tags, self.hour, self.names, ts, self.seqs[a:b], self.kinds,
+                       None if self.cols is None else [c[a:b] for c in self.cols],
+                       None if self.rows is None else self.rows[a:b], [c[a:b] for c in self.canon],
+                       [(i - a, x) for i, x in self.others if a <= i < b], self.ordered or strictly_increasing(ts), self.head)
 
 
 def _deltas(xs: list[int]) -> list[int]:
@@ -126,77 +159,208 @@ def _union(ranges: list[list[int]]) -> list[list[int]]:
     return out
 
 
-# -- canonical text (reconciliation) ----------------------------------------------------------
+# -- columns and the reconciliation digest ------------------------------------------------------
 
-def canon_value(v: Any, decimals: int | None) -> str:
-    if v is None:
-        return "null"
-    if v is True:
-        return "true"
-    if v is False:
-        return "false"
-    if isinstance(v, (int, float)):
-        if decimals is None:
-            return repr(float(v))
-        return "%.0f.0" % v if decimals == 0 else "%.*f" % (decimals, v)
-    return json.dumps(str(v))
+def fast_columns(spec: Spec, cols: Sequence[Sequence[Any]]) -> tuple[list[str], list[Any], list[Any]] | None:
+    """Wire kinds, wire columns and digest streams of value columns (one per spec field, every value
+    present), or None when a column is not all floats or all ints (or not finite, or out of range):
+    then the caller takes the value-by-value way. Vectorised (numpy): a `round = N` column of floats
+    becomes round(v, N) * 10**N, exactly what FieldRule.apply() keeps; wire columns are narrowed to
+    int16/int32 when their values fit (zlib then has less to chew)."""
+    kinds: list[str] = []
+    wire: list[Any] = []
+    canon: list[Any] = []
+    if len(cols) != len(spec):
+        return None
+    try:
+        for (_k, d), col in zip(spec, cols):
+            types = set(map(type, col))
+            if len(types) != 1:
+                return None
+            kind = types.pop()
+            if kind is float:
+                x = np.array(col, dtype=_F8)
+                if d is None:
+                    if not np.isfinite(x).all():
+                        return None
+                    kinds.append("d")
+                    wire.append(x)
+                    canon.append(x)
+                    continue
+                y = _round_scaled(x, d)
+                if not (np.abs(y) < 2.0**62).all():  # also false for inf/nan
+                    return None
+                q = y.astype(_I8)
+                code = f"f{d}"
+            elif kind is int:
+                q = np.array(col, dtype=_I8)
+                code = "i"
+            else:
+                return None
+            lo, hi = int(q.min()), int(q.max())
+            if kind is int:
+                canon.append(q.astype(_F8) if d is None else q if d == 0 else _scaled(q, lo, hi, d))
+            else:
+                canon.append(q)
+            if -(2**15) <= lo and hi < 2**15:
+                kinds.append(code + "/2")
+                wire.append(q.astype(_I2))
+            elif -(2**31) <= lo and hi < 2**31:
+                kinds.append(code + "/4")
+                wire.append(q.astype(_I4))
+            else:
+                kinds.append(code)
+                wire.append(q)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    return kinds, wire, canon
 
 
-def canon_row(spec: Spec, fields: dict[str, Any]) -> str:
-    """Canonical text of one point's values; fields outside the spec are appended so they never match."""
-    text = ",".join(canon_value(fields.get(k), d) for k, d in spec)
+def _round_scaled(x: Any, d: int) -> Any:
+    """round(v, d) * 10**d for every v of x (float64), as floats holding integers: exactly Python's
+    correctly rounded round(v, d), vectorised. rint(v * 10**d) is right unless the product lands on a
+    half (k + 0.5); there the exact product decides, from its rounding error (Dekker's two-product),
+    and an exact half goes to even, like round()."""
+    s = float(10**d)
+    y = x * s
+    q = np.rint(y)
+    fl = np.floor(y)
+    tie = (y - fl) == 0.5
+    if tie.any():
+        xt, yt, ft = x[tie], y[tie], fl[tie]
+        c = 134217729.0  # 2**27 + 1: Veltkamp split into 26-bit halves
+        t = c * xt
+        xh = t - (t - xt)
+        xl = xt - xh
+        t = c * s
+        sh = t - (t - s)
+        sl = s - sh
+        err = ((xh * sh - yt) + xh * sl + xl * sh) + xl * sl  # exact v * 10**d == y + err
+        q[tie] = np.where(err > 0, ft + 1, np.where(err < 0, ft, q[tie]))
+    return q
+
+
+def _scaled(q: Any, lo: int, hi: int, d: int) -> Any:
+    if max(-lo, hi) * 10**d >= 2**63:
+        raise OverflowError("integer too large for its decimals")
+    return q * (10**d)
+
+
+def canon_columns(spec: Spec, points: Sequence[dict[str, Any]]) -> tuple[list[Any], list[tuple[int, str]]]:
+    """Digest streams value by value (any values; fields outside the spec go to the text stream).
+    The reference for fast_columns(), and what the partner computes from its InfluxDB."""
+    canon: list[Any] = []
+    others: list[tuple[int, str]] = []
+    for k, d in spec:
+        a: list[Any] = []
+        scale = None if d is None else 10**d
+        for i, f in enumerate(points):
+            v = f.get(k)
+            q: Any = None
+            if v is not None and v is not True and v is not False and isinstance(v, (int, float)):
+                if scale is None:
+                    q = float(v)
+                elif isinstance(v, int):
+                    q = v * scale
+                elif math.isfinite(v):
+                    q = round(round(v, d) * float(scale))  # d is set here
+                if q is not None and scale is not None and not -(2**63) < q < 2**63:
+                    q = None
+            if q is None:
+                a.append(_NO_D if scale is None else _NO_Q)
+                if v is not None:
+                    others.append((i, f"{json.dumps(k)}:{json.dumps(v)}"))
+            else:
+                a.append(q)
+        canon.append(np.array(a, dtype=_F8 if scale is None else _I8))
     names = {k for k, _d in spec}
-    extra = sorted(k for k, v in fields.items() if k not in names and v is not None)
-    if extra:
-        text += "," + ",".join(f"{json.dumps(k)}:{canon_value(fields[k], None)}" for k in extra)
-    return "[" + text + "]"
+    for i, f in enumerate(points):
+        extra = sorted(k for k, v in f.items() if k not in names and v is not None)
+        for k in extra:
+            others.append((i, f"{json.dumps(k)}:{json.dumps(f[k])}"))
+    others.sort(key=lambda o: o[0])
+    return canon, others
 
 
 class KeyDigest:
     """Running digest of one (measurement, node, hour), fed in time order."""
 
-    __slots__ = ("_ts", "_rows", "count", "last_t", "valid")
+    __slots__ = ("_ts", "_cols", "_others", "count", "last_t", "valid")
 
-    def __init__(self, valid: bool = True) -> None:
+    def __init__(self, ncols: int, valid: bool = True) -> None:
         self._ts = hashlib.blake2b(digest_size=16)
-        self._rows = hashlib.blake2b(digest_size=16)
+        self._cols = [hashlib.blake2b(digest_size=16) for _ in range(ncols)]
+        self._others = hashlib.blake2b(digest_size=16)
         self.count = 0
         self.last_t: int | None = None
         self.valid = valid
 
-    def feed(self, ts: list[int], rows: list[str], ordered: bool = True) -> None:
+    def feed(self, ts: list[int], canon: list[Any], others: list[tuple[int, str]], ordered: bool = True) -> None:
         """Times strictly increasing and after everything fed before, or the digest becomes invalid."""
         if not self.valid or not ts:
             return
-        if not ordered or (self.last_t is not None and ts[0] <= self.last_t):
-            self.valid = False  # out of order or a duplicate time: recomputed from the archive
+        if not ordered or (self.last_t is not None and ts[0] <= self.last_t) or len(canon) != len(self._cols):
+            self.valid = False  # out of order, a duplicate time, another spec: recomputed from the archive
             return
-        self._ts.update((",".join(map(str, ts)) + ",").encode())
-        self._rows.update((",".join(rows) + ",").encode())
+        self._ts.update(_le(array("q", ts)))
+        for h, c in zip(self._cols, canon):
+            h.update(c.data)  # 1-D slices of contiguous columns: contiguous
+        if others:
+            base = self.count
+            self._others.update("".join(f"{base + i}:{x};" for i, x in others).encode())
         self.count += len(ts)
         self.last_t = ts[-1]
 
     def result(self) -> tuple[int, str]:
-        return self.count, hashlib.blake2b(self._ts.digest() + self._rows.digest(), digest_size=8).hexdigest()
+        parts = [self._ts.digest(), *(h.digest() for h in self._cols), self._others.digest()]
+        return self.count, hashlib.blake2b(b"".join(parts), digest_size=8).hexdigest()
 
 
-def digest_points(points: dict[int, str]) -> tuple[int, str]:
-    """(count, hash) of {t: canonical row} (the last-write-wins view of one key)."""
-    k = KeyDigest()
+def digest_points(points: dict[int, dict[str, Any]], spec: Spec) -> tuple[int, str]:
+    """(count, hash) of {t: fields} (the last-write-wins view of one key)."""
     ts = sorted(points)
-    k.feed(ts, [points[t] for t in ts])
+    canon, others = canon_columns(spec, [points[t] for t in ts])
+    k = KeyDigest(len(spec))
+    k.feed(ts, canon, others)
     return k.result()
+
+
+def _le(a: array) -> array:
+    """The array in little-endian byte order (the wire's and the digest's)."""
+    if _LITTLE:
+        return a
+    b = array(a.typecode, a)
+    b.byteswap()
+    return b
 
 
 def strictly_increasing(ts: list[int]) -> bool:
     return all(map(lt, ts, ts[1:])) if len(ts) > 1 else True
 
 
-# -- segments from points (the generic path: aggregated bins, replays, tests) -------------------
+# -- segments from points (the generic path: aggregated bins, replays, slow records, tests) --------
+
+def make_segment(m: str, tags: dict[str, str], hour: int, spec: Spec, ts: list[int], seqs: list[Any],
+                 points: list[dict[str, Any]], ordered: bool) -> Segment:
+    """A segment of points whose values already follow the policy (binary columns when they fit)."""
+    names = [k for k, _d in spec]
+    if all(len(f) == len(names) for f in points):
+        try:
+            cols = [[f[k] for f in points] for k in names]
+        except KeyError:
+            cols = []
+        fast = fast_columns(spec, cols) if cols else None
+        if fast is not None:
+            kinds, wire, canon = fast
+            return Segment(m, tags, hour, names, ts, seqs, kinds, wire, None, canon, [], ordered)
+    rows = [json.dumps([f.get(k) for k in names], separators=(",", ":"), allow_nan=False) for f in points]
+    canon, others = canon_columns(spec, points)
+    return Segment(m, tags, hour, names, ts, seqs, None, None, rows, canon, others, ordered)
+
 
 def segments_from_points(points: list[Point], spec_for: Any = None) -> list[Segment]:
     """Group points into segments (dropping points without any value). spec_for(m) -> Spec gives the field order and canonical form;
-    without it, the fields present in name order, numbers canonical as repr(float)."""
+    without it, the fields present in name order, numbers kept as is."""
     groups: dict[tuple[str, tuple[tuple[str, str], ...], int], list[Point]] = {}
     for p in points:
         if any(v is not None for v in p.fields.values()):  # a point without values is no point in InfluxDB
@@ -206,11 +370,9 @@ def segments_from_points(points: list[Point], spec_for: Any = None) -> list[Segm
         spec: Spec | None = spec_for(m) if spec_for is not None else None
         if spec is None:
             spec = tuple((k, None) for k in sorted({k for p in pts for k, v in p.fields.items() if v is not None}))
-        names = [k for k, _d in spec]
-        rows = [json.dumps([p.fields.get(k) for k in names], separators=(",", ":"), allow_nan=False) for p in pts]
-        canon = [canon_row(spec, p.fields) for p in pts]
         ts = [int(p.t) for p in pts]
-        out.append(Segment(m, dict(tags), hour, names, ts, [p.seq for p in pts], rows, canon, strictly_increasing(ts)))
+        fields = [{k: v for k, v in p.fields.items() if v is not None} for p in pts]
+        out.append(make_segment(m, dict(tags), hour, spec, ts, [p.seq for p in pts], fields, strictly_increasing(ts)))
     return out
 
 
@@ -230,8 +392,14 @@ def _progression(xs: list[Any]) -> tuple[int, int] | None:
     return a, step
 
 
+def segment_head(m: str, tags: dict[str, str], names: list[str]) -> str:
+    return '"m":%s,"tags":%s,"k":%s' % (_dump(m), _dump(tags), _dump(names))
+
+
 def encode_body(segments: list[Segment]) -> bytes:
     parts = []
+    blobs: list[Any] = []
+    kinds_json: dict[int, str] = {}
     for s in segments:
         # Times and sequence numbers: (first, step) for the regular case, else deltas (or raw with nulls).
         tp = _progression(s.ts)
@@ -243,9 +411,17 @@ def encode_body(segments: list[Segment]) -> bytes:
             q = '"q":' + _dump(_deltas(s.seqs))  # type: ignore[arg-type]
         else:
             q = '"qa":' + _dump(s.seqs)
-        parts.append('{"m":%s,"tags":%s,%s,%s,"k":%s,"v":[%s]}' % (
-            _dump(s.m), _dump(s.tags), t, q, _dump(s.names), ",".join(s.rows)))
-    return zlib.compress(('{"s":[' + ",".join(parts) + "]}").encode(), ZLIB_LEVEL)
+        if s.cols is not None and s.kinds is not None:
+            kj = kinds_json.get(id(s.kinds))
+            if kj is None:
+                kj = kinds_json[id(s.kinds)] = _dump(s.kinds)
+            vals = f'"n":{len(s.ts)},"c":{kj}'
+            blobs.extend(s.cols)
+        else:
+            vals = '"v":[' + ",".join(s.rows or ()) + "]"
+        parts.append("{%s,%s,%s,%s}" % (s.head or segment_head(s.m, s.tags, s.names), t, q, vals))
+    head = ('{"s":[' + ",".join(parts) + "]}").encode()
+    return zlib.compress(b"".join([BODY3, _LEN.pack(len(head)), head, *blobs]), ZLIB_LEVEL)
 
 
 def _expand(pair: list[Any], n: int) -> list[int]:
@@ -255,15 +431,47 @@ def _expand(pair: list[Any], n: int) -> list[int]:
     return list(range(a, a + step * n, step))
 
 
+def _parse_kind(kind: str) -> tuple[str, Any]:
+    base, _, width = kind.partition("/")
+    dt = _WIDTHS.get(width)
+    if dt is None or (base == "d" and width) or not (base in ("i", "d") or (
+            base[:1] == "f" and base[1:].isdigit() and int(base[1:]) <= 9)):
+        raise ValueError(f"unknown column kind {kind!r}")
+    return base, _F8 if base == "d" else dt
+
+
+def _column(base: str, dt: Any, raw: bytes) -> list[Any]:
+    vals = np.frombuffer(raw, dtype=dt)
+    if base == "i":
+        return vals.astype(_I8).tolist()  # type: ignore[no-any-return]
+    if base == "d":
+        if not np.isfinite(vals).all():
+            raise ValueError("a float column holds inf or nan")
+        return vals.tolist()  # type: ignore[no-any-return]
+    scale = 10 ** int(base[1:])
+    return [q / scale for q in vals.tolist()]
+
+
 def decode_body(body: bytes) -> list[Point]:
     try:
-        doc = json.loads(zlib.decompress(body))
+        zd = zlib.decompressobj()
+        raw = zd.decompress(body, MAX_BODY)
+        if zd.unconsumed_tail:
+            raise ValueError(f"body larger than {MAX_BODY} bytes")
+        blob = b""
+        pos = 0
+        if raw[:4] == BODY3:
+            (n,) = _LEN.unpack_from(raw, 4)
+            doc = json.loads(raw[8 : 8 + n])
+            blob = raw[8 + n :]
+        else:  # v1/v2: JSON
+            doc = json.loads(raw)
         points: list[Point] = []
         for s in doc["s"]:
-            n = len(s["v"]) if "v" in s else None
+            n = len(s["v"]) if "v" in s else int(s["n"]) if "n" in s else None
             if "tr" in s:
-                if n is None:
-                    raise ValueError("a time progression needs rows")
+                if n is None or n < 0:
+                    raise ValueError("a time progression needs a point count")
                 ts = _expand(s["tr"], n)
             else:
                 ts = _undelta(s["t"])
@@ -279,7 +487,24 @@ def decode_body(body: bytes) -> list[Point]:
             m = str(s["m"])
             if len(qs) != len(ts):
                 raise ValueError("column lengths differ")
-            if "v" in s:  # v2: rows
+            if "c" in s:  # v3: binary columns
+                if n is not None and n != len(ts):
+                    raise ValueError("point count and times differ")
+                names = [str(k) for k in s["k"]]
+                kinds = s["c"]
+                if len(kinds) != len(names):
+                    raise ValueError("column kinds and field names differ")
+                cols = []
+                for kind in kinds:
+                    base, dt = _parse_kind(str(kind))
+                    width = dt.itemsize * len(ts)
+                    if pos + width > len(blob):
+                        raise ValueError("columns shorter than the header says")
+                    cols.append(_column(base, dt, blob[pos : pos + width]))
+                    pos += width
+                for i, (t, q) in enumerate(zip(ts, qs)):
+                    points.append(Point(m, tags, int(t), {k: c[i] for k, c in zip(names, cols)}, q))
+            elif "v" in s:  # v2: rows
                 names = [str(k) for k in s["k"]]
                 rows = s["v"]
                 if len(rows) != len(ts) or any(len(r) != len(names) for r in rows):
@@ -290,14 +515,16 @@ def decode_body(body: bytes) -> list[Point]:
                         raise ValueError(f"a point at {t} has no field")
                     points.append(Point(m, tags, int(t), fields, q))
             else:  # v1: columns
-                cols: dict[str, list[Any]] = s["f"]
-                if any(len(c) != len(ts) for c in cols.values()):
+                cols1: dict[str, list[Any]] = s["f"]
+                if any(len(c) != len(ts) for c in cols1.values()):
                     raise ValueError("column lengths differ")
                 for i, t in enumerate(ts):
-                    fields = {k: c[i] for k, c in cols.items() if c[i] is not None}
+                    fields = {k: c[i] for k, c in cols1.items() if c[i] is not None}
                     points.append(Point(m, tags, int(t), fields, qs[i]))
+        if pos != len(blob):
+            raise ValueError("columns longer than the header says")
         return points
-    except (zlib.error, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (zlib.error, ValueError, KeyError, TypeError, AttributeError, struct.error, OverflowError) as e:
         raise WireError("format", f"batch body cannot be decoded: {e}") from None
 
 

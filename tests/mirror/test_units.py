@@ -8,6 +8,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import tomli_w
 from hypothesis import given, settings
@@ -19,8 +20,8 @@ from gateway.mirror import validate_mirror_config
 from gateway.mirror_archive import Archive
 from gateway.mirror_wire import segments_from_points
 from gateway.mirror_policy import PolicyError, load_policy, parse_policy
-from gateway.mirror_wire import (KeyDigest, Point, WireError, canon_row, check_manifest, decode_body, digest_points,
-                                 encode_batch, seq_ranges, split_batch)
+from gateway.mirror_wire import (KeyDigest, Point, WireError, canon_columns, check_manifest, decode_body, digest_points,
+                                 encode_batch, encode_segments, seq_ranges, split_batch)
 from twinedge.cli import build_app
 
 POLICIES = Path(__file__).resolve().parents[2] / "docs" / "policies"
@@ -65,19 +66,29 @@ def test_seq_ranges_and_digest_canonical_forms() -> None:
     assert seq_ranges([5, 1, 2, 3, 7, 8]) == [[1, 3], [5, 5], [7, 8]]
     spec = (("ph", 2), ("temp", 1), ("x", None))
     # What the sender sent and what InfluxDB gives back (ints for integral floats, any order) digest alike.
-    a = {t: canon_row(spec, {"ph": 7.0, "temp": 15.0, "x": 3.0}) for t in range(10)}
-    b = {t: canon_row(spec, {"x": 3, "temp": 15, "ph": 7}) for t in reversed(range(10))}
-    assert digest_points(a) == digest_points(b)
-    b[3] = canon_row(spec, {"ph": 7.01, "temp": 15.0, "x": 3})
-    assert digest_points(a) != digest_points(b)
-    b[3] = canon_row(spec, {"ph": 7.0, "temp": 15.0, "x": 3, "extra": 1})  # a field we never sent
-    assert digest_points(a) != digest_points(b)
+    a = {t: {"ph": 7.0, "temp": 15.0, "x": 3.0} for t in range(10)}
+    b = {t: {"x": 3, "temp": 15, "ph": 7} for t in reversed(range(10))}
+    assert digest_points(a, spec) == digest_points(b, spec)
+    b[3] = {"ph": 7.01, "temp": 15.0, "x": 3}
+    assert digest_points(a, spec) != digest_points(b, spec)
+    b[3] = {"ph": 7.0, "temp": 15.0, "x": 3, "extra": 1}  # a field we never sent
+    assert digest_points(a, spec) != digest_points(b, spec)
+    b[3] = {"ph": 7.0, "temp": 15.0}  # an absent value is not a zero
+    c = dict(a)
+    c[3] = {"ph": 7.0, "temp": 15.0, "x": 0.0}
+    assert digest_points(b, spec) != digest_points(c, spec) != digest_points(a, spec)
+    b[3] = {"ph": 7.0, "temp": 15.0, "x": True}  # a boolean is not 1
+    c[3] = {"ph": 7.0, "temp": 15.0, "x": 1}
+    assert digest_points(b, spec) != digest_points(c, spec)
     # Fed in pieces (any batch boundaries) = computed at once; a repeated time invalidates it.
-    k = KeyDigest()
-    k.feed([0, 1, 2], [a[0], a[1], a[2]])
-    k.feed([3, 4, 5, 6, 7, 8, 9], [a[t] for t in range(3, 10)])
-    assert k.valid and k.result() == digest_points(a)
-    k.feed([9], [a[9]])
+    b = dict(a)
+    b[4] = {"ph": 7.0, "x": "text"}
+    k = KeyDigest(len(spec))
+    for lo, hi in ((0, 3), (3, 10)):
+        canon, others = canon_columns(spec, [b[t] for t in range(lo, hi)])
+        k.feed(list(range(lo, hi)), canon, others)
+    assert k.valid and k.result() == digest_points(b, spec) != digest_points(a, spec)
+    k.feed([9], *canon_columns(spec, [a[9]]))
     assert not k.valid
 
 
@@ -161,32 +172,44 @@ row_values = st.one_of(st.floats(-1e6, 1e6, allow_nan=False), st.integers(-10**6
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 2**31), st.dictionaries(
-    st.sampled_from(["ph", "water_temp_c", "do_mgl", "turbidity_ntu", "battery_v"]), row_values)), min_size=1, max_size=8),
-    st.booleans())
-def test_fast_rendering_equals_the_field_rules(rows: list[tuple[int, dict[str, Any]]], homogeneous: bool) -> None:
-    """The per-row %-format path gives exactly what the field rules (FieldRule.apply) give, on the wire and in
-    the canonical digest text; anything it cannot take goes the value-by-value way."""
-    from gateway.mirror import Plan, render_fast, render_slow
+    st.sampled_from(["ph", "water_temp_c", "do_mgl", "turbidity_ntu", "salinity_psu", "battery_v"]), row_values)),
+    min_size=1, max_size=8), st.booleans())
+def test_fast_columns_equal_the_field_rules(rows: list[tuple[int, dict[str, Any]]], homogeneous: bool) -> None:
+    """The vectorised column path gives exactly what the field rules (FieldRule.apply)
+    give, on the wire and in the digest streams; anything it cannot take goes the value-by-value way."""
+    from gateway.mirror import Plan, _Pending, _Route
     rule = load_policy(BLUE).rule("marine")
     assert rule is not None
     plan = Plan(rule)
     if homogeneous:  # the common case: every shared field present, one type per field
         rows = [(t, {k: float(abs(hash((t, k))) % 10**6) / 997 for k in plan.names} | {"battery_v": 3.7}) for t, _f in rows]
-    recs = [[t, f, i + 1, 0] for i, (t, f) in enumerate(rows)]
-    slow_ts, _seqs, slow_texts, slow_canon = render_slow(rule, plan, recs)
-    fast = render_fast(plan, recs)
-    if homogeneous:
-        assert fast is not None
-    if fast is None:
+    route = _Route(rule, plan, {"city": "c", "node": "n-1"}, ("marine", ()), "n-1", "")
+    pend = _Pending(route, 7200)
+    pend.rows = [[7200 + 7 * i, f, i + 1, 0] for i, (_t, f) in enumerate(rows)]
+    times = pend.times()
+    assert times is not None
+    fast_segs = plan.segments([pend])
+    slow = plan.slow_segment(pend, *times)
+    if slow is None:
+        assert fast_segs == []
         return
-    texts, canon = fast
-    assert len(texts) == len(slow_texts) == len(recs)
-    for (t, f), text, ctext, stext, sc in zip(rows, texts, canon or texts, slow_texts, slow_canon):
-        want = {k: rule.fields[k].apply(v) for k, v in f.items() if k in rule.fields and v is not None}
-        got = dict(zip(plan.names, json.loads(text)))
-        assert got == want and [type(got[k]) for k in plan.names] == [type(want[k]) for k in plan.names]
-        assert json.loads(text) == json.loads(stext)
-        assert ctext == sc == canon_row(plan.spec, want)
+    assert len(fast_segs) == 1
+    fast = fast_segs[0]
+    if homogeneous:
+        assert fast.cols is not None and fast.kinds is not None and all(k[:1] == "f" for k in fast.kinds)
+    want = [{k: rule.fields[k].apply(v) for k, v in f.items() if k in rule.fields and v is not None} for _t, f in rows]
+    want = [w for w in want if w]
+    for seg in (fast, slow):
+        _m, body = split_batch(encode_segments({"batch": "e-1"}, [seg])[0])
+        got = [p.fields for p in decode_body(body)]
+        assert got == want
+        assert [{k: type(v) for k, v in g.items()} for g in got] == [{k: type(v) for k, v in w.items()} for w in want]
+    ref_canon, ref_others = canon_columns(plan.spec, want)
+    for seg in (fast, slow):
+        assert [np.ascontiguousarray(c).tobytes() for c in seg.canon] == [c.tobytes() for c in ref_canon]
+        assert seg.others == ref_others
+    for w in want:  # what the policy keeps: at most N decimals
+        assert all(rule.fields[k].holds(v) for k, v in w.items())
 
 
 def test_record_feed_hands_over_and_stays_bounded() -> None:
@@ -212,3 +235,43 @@ def test_regular_times_and_sequences_round_trip() -> None:
     back = decode_body(body)
     check_manifest(manifest, back)
     assert [(p.node, p.t, p.seq, p.fields) for p in back] == [(p.node, p.t, p.seq, p.fields) for p in pts]
+
+
+def test_binary_columns_are_narrowed_and_checked() -> None:
+    from gateway.mirror_wire import BODY3, ZLIB_LEVEL, _LEN
+    spec = (("big", 0), ("ph", 2), ("x", None))
+    pts = [Point("marine", {"city": "c", "node": "n-1"}, 7200 + i, {"ph": 7.0 + i / 100, "big": 2**40 + i, "x": 0.1 * i}, i)
+           for i in range(20)]
+    msg, manifest = encode_batch({"origin": "c", "batch": "e-1"}, pts, lambda m: spec)
+    _m, body = split_batch(msg)
+    raw = zlib.decompress(body)
+    assert raw[:4] == BODY3 and b'"c":["i","f2/2","d"]' in raw
+    assert len(raw) - raw.index(b"]}]}") - 4 == 20 * (8 + 2 + 8)  # int64, int16, float64 columns
+    back = decode_body(body)
+    check_manifest(manifest, back)
+    assert [p.fields for p in back] == [p.fields for p in pts]
+    (n,) = _LEN.unpack_from(raw, 4)
+    head, blob = raw[8 : 8 + n], raw[8 + n :]
+
+    def rebuilt(h: bytes, b: bytes) -> bytes:
+        return zlib.compress(BODY3 + _LEN.pack(len(h)) + h + b, ZLIB_LEVEL)
+
+    for h, b in [(head, blob[:-1]), (head, blob + b"\0"), (head.replace(b'"f2/2"', b'"f2/3"'), blob),
+                 (head.replace(b'"f2/2"', b'"f12"'), blob),
+                 (head, blob[:320] + np.array([np.inf], dtype="<f8").tobytes() + blob[328:])]:
+        with pytest.raises(WireError) as e:
+            decode_body(rebuilt(h, b))
+        assert e.value.reason == "format"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.floats(-1e9, 1e9, allow_nan=False), st.integers(-10**8, 10**8).map(lambda i: i / 200)),
+                min_size=1, max_size=50), st.integers(0, 9))
+def test_vectorised_rounding_is_pythons_round(vals: list[float], d: int) -> None:
+    from gateway.mirror_wire import fast_columns
+    vals = [15.05, 0.125, 2.675, -15.05, *vals]  # halves in decimal that binary puts above, at, below the tie
+    fast = fast_columns((("v", d),), [vals])
+    if fast is None:  # out of the int64 range at this many decimals
+        assert max(abs(v) for v in vals) * 10**d >= 2**62
+        return
+    assert fast[2][0].tolist() == [round(round(v, d) * 10**d) for v in vals]
