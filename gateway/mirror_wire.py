@@ -63,6 +63,9 @@ _WIDTHS = {"2": _I2, "4": _I4, "": _I8}
 # Digest sentinels for "no number here" (absent, or see the text stream).
 _NO_Q = -(2**63)
 _NO_D = float("nan")
+# Fixed-point values the fast way takes: below 2**50, q / 10**N read back from InfluxDB and scaled again
+# gives q exactly (larger ones go value by value, where both sides compute from the same double).
+_Q_MAX = 2.0**50
 
 # A canonical spec: the output field names of a rule, in name order, each with its decimals
 # (round = N, or 9 for a quantum step) or None (a number kept as is).
@@ -188,7 +191,7 @@ def fast_columns(spec: Spec, cols: Sequence[Sequence[Any]]) -> tuple[list[str], 
                     canon.append(x)
                     continue
                 y = _round_scaled(x, d)
-                if not (np.abs(y) < 2.0**62).all():  # also false for inf/nan
+                if not (np.abs(y) < _Q_MAX).all():  # also false for inf/nan
                     return None
                 q = y.astype(_I8)
                 code = f"f{d}"
@@ -202,18 +205,46 @@ def fast_columns(spec: Spec, cols: Sequence[Sequence[Any]]) -> tuple[list[str], 
                 canon.append(q.astype(_F8) if d is None else q if d == 0 else _scaled(q, lo, hi, d))
             else:
                 canon.append(q)
-            if -(2**15) <= lo and hi < 2**15:
-                kinds.append(code + "/2")
-                wire.append(q.astype(_I2))
-            elif -(2**31) <= lo and hi < 2**31:
-                kinds.append(code + "/4")
-                wire.append(q.astype(_I4))
-            else:
-                kinds.append(code)
-                wire.append(q)
+            code, w = _narrow(code, q, lo, hi)
+            kinds.append(code)
+            wire.append(w)
     except (OverflowError, ValueError, TypeError):
         return None
     return kinds, wire, canon
+
+
+def float_columns(spec: Spec, cols: list[Any]) -> tuple[list[str], list[Any], list[Any]] | None:
+    """fast_columns() of float64 columns (numpy, one per spec field)."""
+    kinds: list[str] = []
+    wire: list[Any] = []
+    canon: list[Any] = []
+    if len(cols) != len(spec):
+        return None
+    for x, (_k, d) in zip(cols, spec):
+        if d is None:
+            if not np.isfinite(x).all():
+                return None
+            kinds.append("d")
+            wire.append(x)
+            canon.append(x)
+            continue
+        y = _round_scaled(x, d)
+        if not (np.abs(y) < _Q_MAX).all():  # also false for inf/nan
+            return None
+        q = y.astype(_I8)
+        canon.append(q)
+        code, w = _narrow(f"f{d}", q, int(q.min()), int(q.max())) if len(q) else (f"f{d}", q)
+        kinds.append(code)
+        wire.append(w)
+    return kinds, wire, canon
+
+
+def _narrow(code: str, q: Any, lo: int, hi: int) -> tuple[str, Any]:
+    if -(2**15) <= lo and hi < 2**15:
+        return code + "/2", q.astype(_I2)
+    if -(2**31) <= lo and hi < 2**31:
+        return code + "/4", q.astype(_I4)
+    return code, q
 
 
 def _round_scaled(x: Any, d: int) -> Any:
@@ -334,7 +365,7 @@ def _le(a: array) -> array:
     return b
 
 
-def strictly_increasing(ts: list[int]) -> bool:
+def strictly_increasing(ts: Sequence[int]) -> bool:
     return all(map(lt, ts, ts[1:])) if len(ts) > 1 else True
 
 
