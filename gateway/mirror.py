@@ -277,11 +277,13 @@ class MirrorSink:
             elif ts[0] <= pend.last_t:
                 pend.ordered = False
             pend.last_t = ts[-1]
+            if pend.flat is not None and route.plan.flat_values(rows, pend.flat) is None:
+                pend.unflatten()  # this record is not all floats: keep rows from now on
+            if pend.flat is None:
+                pend.recs.append(rows)
+            # (while the values are kept as floats the rows are not: ingest's objects go right away)
             pend.ts.extend(ts)
             pend.seqs.extend(map(_SEQ, rows))
-            pend.recs.append(rows)
-            if pend.flat is not None:
-                pend.flat = route.plan.flat_values(rows, pend.flat)
             return len(rows)
         for row in rows:  # times spanning hours, out of order or not integers (rare): row by row
             t = int(row[0])
@@ -292,10 +294,10 @@ class MirrorSink:
             elif t <= pend.last_t:
                 pend.ordered = False
             pend.last_t = t
+            pend.unflatten()
             pend.ts.append(t)
             pend.seqs.append(row[2])
             pend.recs.append([row])
-            pend.flat = None
         return len(rows)
 
     def _plan(self, rule: ShareRule) -> "Plan":
@@ -542,8 +544,21 @@ class _Pending:
         self.last_t = -(2**63)
         self.ordered = True
 
+    def unflatten(self) -> None:
+        """Switch to keeping rows: the points so far become rows of their (shared) float values."""
+        if self.flat is None:
+            return
+        n = len(self.ts)
+        names = self.route.plan.names
+        cols = [c[:n] for c in self.flat]
+        self.recs = [[[t, dict(zip(names, vals)), q, 0] for t, q, vals in zip(self.ts, self.seqs, zip(*cols))]]
+        self.flat = None
+
     @property
     def rows(self) -> list[Any]:
+        if self.flat is not None:
+            names = self.route.plan.names
+            return [[t, dict(zip(names, vals)), q, 0] for t, q, vals in zip(self.ts, self.seqs, zip(*self.flat))]
         return list(chain.from_iterable(self.recs))
 
 

@@ -187,11 +187,12 @@ def test_fast_columns_equal_the_field_rules(rows: list[tuple[int, dict[str, Any]
     pend = _Pending(route, 7200)
     for i, (_t, f) in enumerate(rows):  # as MirrorSink.transform takes a record's rows
         row = [7200 + 7 * i, f, i + 1, 0]
+        if pend.flat is not None and plan.flat_values([row], pend.flat) is None:
+            pend.unflatten()
+        if pend.flat is None:
+            pend.recs.append([row])
         pend.ts.append(row[0])
         pend.seqs.append(row[2])
-        pend.recs.append([row])
-        if pend.flat is not None:
-            pend.flat = plan.flat_values([row], pend.flat)
     if homogeneous:
         assert pend.flat is not None  # the all-float way (float_columns)
     fast_segs = plan.segments([pend])
