@@ -162,10 +162,10 @@ class _Session(asyncio.Protocol):
         now = time.time()
         gen = self.generation
         v5 = self.v5
-        was_empty = not q
         high_water, high_water_bytes = owner.high_water, owner.high_water_bytes
         received = 0
         payload_bytes = 0
+        rest: bytes | None = None  # set when the loop stops before the end of `data`
         while n - pos >= 2:
             first = data[pos]
             i = pos + 1
@@ -173,7 +173,8 @@ class _Session(asyncio.Protocol):
             shift = 0
             while True:
                 if i >= n:
-                    return data[pos:]
+                    length = -1  # the length itself is cut off
+                    break
                 b = data[i]
                 i += 1
                 length |= (b & 0x7F) << shift
@@ -182,18 +183,23 @@ class _Session(asyncio.Protocol):
                 shift += 7
                 if shift > 21:
                     raise MqttProtocolError("remaining length longer than 4 bytes")
+            if length < 0:
+                rest = data[pos:]
+                break
             end = i + length
             if end > n:
                 if length > MAX_PACKET:
                     raise MqttProtocolError(f"packet of {length} bytes")
                 self.need = end - n
                 self.parts = [data[pos:]]
-                return b""
+                rest = b""
+                break
             kind = first >> 4
             if kind == PUBLISH:
                 if len(q) >= high_water or owner.queue_bytes + payload_bytes >= high_water_bytes:
                     # Window full: keep the rest unparsed and stop reading until ingest drains half.
                     self._pause()
+                    rest = data[pos:]
                     break
                 qos = (first >> 1) & 3
                 tl = (data[i] << 8) | data[i + 1]
@@ -214,12 +220,14 @@ class _Session(asyncio.Protocol):
                 self._control(kind, data[i:end])
                 gen = self.generation  # a CONNACK and the session's first PUBLISHes share one read
             pos = end
+        # Every exit passes here: what was queued is counted and ingest is woken.
         if received:
             owner.received_count += received
             owner.queue_bytes += payload_bytes
-            if was_empty:
-                owner.wakeup.set()
-        return data[pos:] if pos < n else b""
+            owner.wakeup.set()
+        if rest is None:
+            rest = data[pos:] if pos < n else b""
+        return rest
 
     @staticmethod
     def _read_varint(data: bytes, j: int) -> tuple[int, int]:
