@@ -71,9 +71,9 @@ def _publish_proc(port: int, client_id: str, payloads: list[tuple[str, bytes]], 
     for info in infos:
         info.wait_for_publish(600)
     t1 = time.time()
-    c.loop_stop()
+    result.put((t0, t1))  # before tearing down: paho's loop_stop() alone can take a second
     c.disconnect()
-    result.put((t0, t1))
+    c.loop_stop()
 
 
 class LoadGenerator:
