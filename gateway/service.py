@@ -1,6 +1,6 @@
 """The gateway service: wires the stages of the data flow as asyncio tasks.
 
-    MQTT (paho thread) --deque, bounded by the broker's receive window-->
+    MQTT (asyncio reader, gateway/ingest_mqtt.py) --deque, bounded by the broker's receive window-->
     ingest: decode + validate (--> dead-letter) + de-duplicate --> durable log --> PUBACK
     durable log --own cursor--> InfluxDB sink      (gateway/sink_influx.py)
     durable log --own cursor--> partner mirror sink (when configured)
