@@ -52,7 +52,8 @@ def wait_points(influx: Influxd, db: str, n: int, timeout: float = 900, interval
 def start_gateways(work: Path, broker: Mosquitto, influx: Influxd, db: str, **extra: object) -> list[GatewayProcess]:
     gws = []
     for city in CITIES:
-        gw = GatewayProcess(work / db, city, broker.port, influx.url, database=db,
+        # Instance (and so MQTT client id) per database: a fresh session, not one that queued earlier runs' load.
+        gw = GatewayProcess(work / db, city, broker.port, influx.url, database=db, instance=f"gw-{db.replace('_', '-')}",
                             extra={"stats_interval_s": 10.0, "influx": {"max_backoff_s": 1.0}, "mqtt": {"protocol": PROTOCOL}, **extra})
         gws.append(gw.start())
     return gws
@@ -69,8 +70,8 @@ def start_contender(kind: str, broker: Mosquitto, influx: Influxd, db: str, expe
 
 
 def throughput(kind: str, per_msg: int, msgs_per_node: int, broker: Mosquitto, influx: Influxd, work: Path,
-               nodes_per_city: int = 100) -> dict[str, float]:
-    db = f"bench_{kind}_{per_msg}"
+               nodes_per_city: int = 100, rep: int = 0) -> dict[str, float]:
+    db = f"bench_{kind}_{per_msg}_{rep}"  # fresh data dir and database per repetition
     influx.create_db(db)
     t_base = int(time.time()) - 20 * 86400
     payloads = [build_payloads(c, nodes_per_city, msgs_per_node, per_msg, t_base) for c in CITIES]
@@ -299,6 +300,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["throughput", "latency", "backlog", "scaleout"], help="run one part")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--mode", type=int, choices=[1, 2], help="throughput: only (1) or (2)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="throughput: alternate the contenders N times and compare medians (short runs are noisy)")
     args = ap.parse_args()
     q = args.quick
     results: dict[str, object] = {}
@@ -311,15 +314,21 @@ def main() -> None:
                 for label, per_msg, mpn in ((("(2) 50 readings/message", 50, 40 if q else 100),) if args.mode in (None, 2) else ()) + ((
                                             ("(1) 1 reading/message", 1, 100 if q else 250),) if args.mode in (None, 1) else ()):
                     row = {}
-                    for kind in ("bare", "naive", "gateway"):
-                        row[kind] = throughput(kind, per_msg, mpn, broker, influx, work)
+                    runs: dict[str, list[float]] = {"bare": [], "naive": [], "gateway": []}
+                    for rep, kind in [(i, k) for i in range(args.repeat) for k in ("bare", "naive", "gateway")]:
+                        row[kind] = throughput(kind, per_msg, mpn, broker, influx, work, rep=rep)
                         r = row[kind]
+                        runs[kind].append(r["readings_per_s"])
                         print(f"{label:26s} {kind:8s} {r['readings']:>9,d} readings in {r['seconds']:6.2f} s = "
                               f"{r['readings_per_s']:>10,.0f} readings/s ({r['msgs_per_s']:,.0f} msg/s, publishers done in {r['publish_s']:.2f} s)"
                               + (f"  gateway CPU {r['gateway_cpu_s']:.1f} s, peak RSS {r['gateway_rss_mb']:.0f} MB"
                                  if kind == "gateway" else ""), flush=True)
-                    g, n, b = row["gateway"]["readings_per_s"], row["naive"]["readings_per_s"], row["bare"]["readings_per_s"]
+                    g, n, b = (statistics.median(runs[k]) for k in ("gateway", "naive", "bare"))
+                    if args.repeat > 1:
+                        print(f"{label:26s} medians of {args.repeat} alternating runs: gateway {g:,.0f}, naive {n:,.0f}, "
+                              f"bare {b:,.0f} readings/s", flush=True)
                     print(f"{label:26s} gateway/naive = {g / n:.2f}x   gateway/bare = {g / b:.2f}x", flush=True)
+                    row["runs"] = runs  # type: ignore[assignment]
                     results[f"throughput_{per_msg}"] = row
             if args.only in (None, "latency"):
                 r = latency_and_outage(broker, influx, work, 5000, 15 if q else 30, 20 if q else 60)
