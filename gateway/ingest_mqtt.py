@@ -343,6 +343,9 @@ class MqttIngest:
             except (OSError, ConnectionError, asyncio.TimeoutError, MqttProtocolError, ssl.SSLError) as e:
                 self.last_error = f"cannot reach broker {self.cfg.host}:{self.cfg.port}: {e or type(e).__name__}"
                 log.warning("mqtt connection failed", extra={"error": self.last_error})
+            except Exception as e:  # noqa: BLE001 - a bug here must not leave the gateway silently deaf
+                self.last_error = f"MQTT session failed ({type(e).__name__}: {e}); reconnecting"
+                log.exception("mqtt session failed")
             self.connected = False
             self._session = None
             if self._stopping:
