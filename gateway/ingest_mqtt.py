@@ -71,8 +71,8 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _utf8(s: str | bytes) -> bytes:
-    b = s.encode() if isinstance(s, str) else s
+def _utf8(s: str) -> bytes:
+    b = s.encode()
     return struct.pack("!H", len(b)) + b
 
 

@@ -182,30 +182,19 @@ def fast_columns(spec: Spec, cols: Sequence[Sequence[Any]]) -> tuple[list[str], 
                 return None
             kind = types.pop()
             if kind is float:
-                x = np.array(col, dtype=_F8)
-                if d is None:
-                    if not np.isfinite(x).all():
-                        return None
-                    kinds.append("d")
-                    wire.append(x)
-                    canon.append(x)
-                    continue
-                y = _round_scaled(x, d)
-                if not (np.abs(y) < _Q_MAX).all():  # also false for inf/nan
+                got = _float_column(np.array(col, dtype=_F8), d)
+                if got is None:
                     return None
-                q = y.astype(_I8)
-                code = f"f{d}"
-            elif kind is int:
-                q = np.array(col, dtype=_I8)
-                code = "i"
-            else:
+                kinds.append(got[0])
+                wire.append(got[1])
+                canon.append(got[2])
+                continue
+            if kind is not int:
                 return None
+            q = np.array(col, dtype=_I8)
             lo, hi = int(q.min()), int(q.max())
-            if kind is int:
-                canon.append(q.astype(_F8) if d is None else q if d == 0 else _scaled(q, lo, hi, d))
-            else:
-                canon.append(q)
-            code, w = _narrow(code, q, lo, hi)
+            canon.append(q.astype(_F8) if d is None else q if d == 0 else _scaled(q, lo, hi, d))
+            code, w = _narrow("i", q, lo, hi)
             kinds.append(code)
             wire.append(w)
     except (OverflowError, ValueError, TypeError):
@@ -221,22 +210,27 @@ def float_columns(spec: Spec, cols: list[Any]) -> tuple[list[str], list[Any], li
     if len(cols) != len(spec):
         return None
     for x, (_k, d) in zip(cols, spec):
-        if d is None:
-            if not np.isfinite(x).all():
-                return None
-            kinds.append("d")
-            wire.append(x)
-            canon.append(x)
-            continue
-        y = _round_scaled(x, d)
-        if not (np.abs(y) < _Q_MAX).all():  # also false for inf/nan
+        got = _float_column(x, d)
+        if got is None:
             return None
-        q = y.astype(_I8)
-        canon.append(q)
-        code, w = _narrow(f"f{d}", q, int(q.min()), int(q.max())) if len(q) else (f"f{d}", q)
-        kinds.append(code)
-        wire.append(w)
+        kinds.append(got[0])
+        wire.append(got[1])
+        canon.append(got[2])
     return kinds, wire, canon
+
+
+def _float_column(x: Any, d: int | None) -> tuple[str, Any, Any] | None:
+    """(kind code, wire array, canonical array) of one float64 column; None if it has no exact fixed-point form."""
+    if d is None:
+        if not np.isfinite(x).all():
+            return None
+        return "d", x, x
+    y = _round_scaled(x, d)
+    if not (np.abs(y) < _Q_MAX).all():  # also false for inf/nan
+        return None
+    q = y.astype(_I8)
+    code, w = _narrow(f"f{d}", q, int(q.min()), int(q.max())) if len(q) else (f"f{d}", q)
+    return code, w, q
 
 
 def _narrow(code: str, q: Any, lo: int, hi: int) -> tuple[str, Any]:
