@@ -11,9 +11,10 @@ of the ~10 µs per reading the first version spent); the mirror reads the JSON.
 
 from __future__ import annotations
 
-import json
 import struct
 from typing import Any
+
+import orjson
 
 from gateway.decode import Decoded
 from gateway.schema import SCHEMAS_BY_ID
@@ -49,7 +50,9 @@ def reading_record(dec: Decoded, site: str, received_at: float, readings: list[A
 
 def encode(record: dict[str, Any], lines: str | None = None) -> bytes:
     """A log frame: the record (JSON) and its line protocol (rendered here unless given)."""
-    meta = json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
+    # orjson: 0.3 µs against json.dumps' 4.2 µs for a one-reading record, ~12 % of the gateway's CPU at one
+    # reading per message (bench/gateway_bench.py --mode 1). NaN/inf never get here: the decoders reject them.
+    meta = orjson.dumps(record)
     if lines is None:
         lines = "".join(line + "\n" for line in to_lines(record))
     return _HEAD.pack(FRAME_VERSION, float(record["a"]), len(meta)) + meta + lines.encode()
@@ -58,7 +61,7 @@ def encode(record: dict[str, Any], lines: str | None = None) -> bytes:
 def decode(blob: bytes) -> dict[str, Any]:
     """The record of a frame."""
     _v, _a, n = _HEAD.unpack_from(blob)
-    return json.loads(blob[_HEAD.size : _HEAD.size + n])  # type: ignore[no-any-return]
+    return orjson.loads(blob[_HEAD.size : _HEAD.size + n])  # type: ignore[no-any-return]
 
 
 def frame_lines(blob: bytes) -> bytes:

@@ -1,4 +1,5 @@
-"""InfluxDB sink: reads the durable log from its own cursor and writes batched, gzipped line protocol.
+"""InfluxDB sink: reads the durable log from its own cursor and writes batched line protocol
+(gzipped unless InfluxDB is on loopback).
 
 Written on aiohttp rather than `influxdb-client`: that client speaks only /api/v2/write
 (InfluxDB 1.x answers 404 there) and hides per-point rejections and retry timing, which
@@ -61,7 +62,7 @@ class InfluxWriter:
         self.headers = {"Content-Type": "text/plain; charset=utf-8"}
         if cfg.token.get_secret_value():
             self.headers["Authorization"] = f"Token {cfg.token.get_secret_value()}"
-        if cfg.gzip:
+        if cfg.compress:
             self.headers["Content-Encoding"] = "gzip"
 
     async def ensure_database(self) -> None:
@@ -82,7 +83,7 @@ class InfluxWriter:
             raise Retryable("connection", f"{type(e).__name__}: {e}") from None
 
     async def _post(self, body: bytes) -> tuple[int, str, float | None]:
-        if self.cfg.gzip:
+        if self.cfg.compress:
             body = gzip.compress(body, compresslevel=1)
         try:
             async with self.session.post(

@@ -28,7 +28,7 @@ stamp=.venv/.twinedge-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "==> installing the project and its test tools into .venv"
   .venv/bin/pip install -q --upgrade pip >/dev/null
-  .venv/bin/pip install -q -e ".[test]"
+  .venv/bin/pip install -q -e ".[test,bench]"
   touch "$stamp"
 fi
 echo "==> ready: .venv/bin/twinedge"

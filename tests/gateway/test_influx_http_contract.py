@@ -67,7 +67,7 @@ async def server() -> Scripted:  # type: ignore[misc]
 
 async def test_413_splits_and_400_isolates_the_bad_line(server: Scripted) -> None:
     server.max_lines = 3
-    cfg = InfluxConfig(url=server.url)
+    cfg = InfluxConfig(url=server.url, gzip=True)
     async with aiohttp.ClientSession() as session:
         w = InfluxWriter(cfg, session)
         lines = [f"m,node=n{i} v={i} {i}" for i in range(8)]
@@ -115,3 +115,15 @@ async def test_auth_failure_and_v2_parameters(server: Scripted) -> None:
         assert e.value.kind == "auth" and "s3cr3t" not in str(e.value)
         assert await w.write(["m v=1 1"]) == []
     assert server.requests[-1][2] == {"org": "city", "bucket": "b", "precision": "s"}
+
+
+async def test_auto_gzip_only_off_the_host(server: Scripted) -> None:
+    """gzip = "auto" (the default) sends plain text to a loopback InfluxDB and compresses to any other host."""
+    async with aiohttp.ClientSession() as session:
+        await InfluxWriter(InfluxConfig(url=server.url), session).write(["m,node=n v=1 1"])
+    assert server.requests and not server.gzipped
+    assert InfluxConfig(url="http://localhost:8086").compress is False
+    assert InfluxConfig(url="http://[::1]:8086").compress is False
+    assert InfluxConfig(url="https://influx.tongyeong.example:8086").compress is True
+    assert InfluxConfig(url="http://10.0.0.5:8086").compress is True
+    assert InfluxConfig(url="http://127.0.0.1:8086", gzip=False).compress is False
