@@ -1,7 +1,8 @@
 """The gateway service: wires the stages of the data flow as asyncio tasks.
 
     MQTT (asyncio reader, gateway/ingest_mqtt.py) --deque, bounded by the broker's receive window-->
-    ingest: decode + validate (--> dead-letter) + de-duplicate --> durable log --> PUBACK
+    ingest: decode + validate (--> dead-letter) + de-duplicate --> durable log write
+    commit: fdatasync on a worker thread (group commit) --> PUBACK, sinks see the frames
     durable log --own cursor--> InfluxDB sink      (gateway/sink_influx.py)
     durable log --own cursor--> partner mirror sink (when configured)
 """
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import logging
 import signal
@@ -94,6 +96,10 @@ class Gateway:
         self.stopping = asyncio.Event()
         self.space_freed = asyncio.Event()
         self.appended: asyncio.Condition | None = None
+        # Written to the log, not yet fdatasync'ed nor acknowledged: (log end after the batch, its messages).
+        self._unsynced: collections.deque[list[Inbound]] = collections.deque()
+        self._written = asyncio.Event()
+        self._ingest_finished = False
         self.mqtt: MqttIngest | None = None
         self.mirror_feed: Any = None  # gateway.mirror.RecordFeed when mirroring
         self.http_port = 0
@@ -231,14 +237,42 @@ class Gateway:
             self.dead.add_many(dead)
             if recs:
                 frames = [records.encode(r, lines) for r, lines in recs]
-                end = self.log.append(frames)
-                if self.mirror_feed is not None:  # the mirror takes the decoded records instead of re-parsing
-                    self.mirror_feed.put(end, frames, [r for r, _lines in recs])
+                end = self.log.write(frames)
+                if self.mirror_feed is not None:  # the mirror takes the decoded records and payloads (no re-parse)
+                    self.mirror_feed.put(end, frames, [r for r, _lines in recs], batch)
                 self.metrics.log_appends.inc()
+            self._unsynced.append(batch)
+            self._written.set()
+            await asyncio.sleep(0)
+
+    async def _commit(self, mqtt: MqttIngest) -> None:
+        """Group commit: one fdatasync on a worker thread for everything ingest wrote meanwhile, then
+        PUBACK those messages and wake the sinks. Ingest goes on decoding during the fdatasync."""
+        assert self.appended is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._unsynced:
+                if self._ingest_finished:
+                    return
+                self._written.clear()
+                await self._written.wait()
+                continue
+            end = self.log.end
+            batches = list(self._unsynced)
+            self._unsynced.clear()
+            if end > self.log.durable_end:
+                await loop.run_in_executor(None, self.log.sync, self.log.unsynced_fds())
+                self.log.mark_durable(end)
                 async with self.appended:
                     self.appended.notify_all()
-            mqtt.ack(batch)
-            await asyncio.sleep(0)
+            mqtt.ack([m for b in batches for m in b])
+
+    async def _ingest_then_commit(self, mqtt: MqttIngest) -> None:
+        try:
+            await self._ingest(mqtt)
+        finally:
+            self._ingest_finished = True
+            self._written.set()
 
     # -- stage: stats -----------------------------------------------------------------
     def _stats_records(self) -> list[dict[str, Any]]:
@@ -352,15 +386,18 @@ class Gateway:
                                            "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",
                                            "http_port": self.http_port, "log_bytes": self.log.size_bytes})
         sink_tasks = [asyncio.create_task(s.run(), name=f"sink-{s.name}") for s in self.sinks]
-        ingest = asyncio.create_task(self._ingest(self.mqtt), name="ingest")
+        ingest = asyncio.create_task(self._ingest_then_commit(self.mqtt), name="ingest")
+        commit = asyncio.create_task(self._commit(self.mqtt), name="commit")
         stats = asyncio.create_task(self._stats(), name="stats")
         extra_tasks = [asyncio.ensure_future(c) for c in extra_stages]
-        all_tasks = [ingest, stats, *sink_tasks, *extra_tasks]
+        all_tasks = [ingest, commit, stats, *sink_tasks, *extra_tasks]
         done, _ = await asyncio.wait([*all_tasks, asyncio.ensure_future(self.stopping.wait())],
                                      return_when=asyncio.FIRST_COMPLETED)
         failed = [t for t in done if t in all_tasks and t.exception() is not None]
         self.stopping.set()
         await asyncio.gather(ingest, stats, return_exceptions=True)
+        if not commit.done():
+            await asyncio.gather(commit, return_exceptions=True)  # acknowledges what ingest made durable
         self.mqtt.stop()
         for t in extra_tasks:
             t.cancel()

@@ -100,6 +100,23 @@ def test_torn_log_tail_is_cut_and_earlier_records_survive(tmp_path: Path) -> Non
     assert [p for _, p in log.read(0)] == [b"one", b"two", b"three", b"four"] and log.torn_bytes_cut == 0
 
 
+def test_group_commit_hides_written_frames_until_they_are_synced(tmp_path: Path) -> None:
+    """Sinks must never see (and commit a cursor past) frames a crash could still take away."""
+    log = DurableLog(tmp_path / "log", 64 * 1024 * 1024, 64 * 1024)
+    log.append([b"durable"])
+    log.write([b"x" * 40_000])
+    end = log.write([b"y" * 40_000])  # rolls over into a second segment
+    assert [p for _, p in log.read(0)] == [b"durable"] and log.durable_end < end
+    fds = log.unsynced_fds()
+    assert len(fds) == 2  # both segments hold bytes past the durable end
+    log.sync(fds)
+    log.mark_durable(end)
+    assert [len(p) for _, p in log.read(0)] == [7, 40_000, 40_000] and log.unsynced_fds() == []
+    log.write([b"z"])
+    log.append([b"stats"])  # a synchronous append makes everything before it durable too
+    assert [p for _, p in log.read(end)] == [b"z", b"stats"]
+
+
 def test_log_survives_reopen_across_segments(tmp_path: Path) -> None:
     log = DurableLog(tmp_path / "log", 64 * 1024 * 1024, 64 * 1024)
     recs = [bytes([i % 251 + 1]) * 1000 for i in range(300)]  # ~300 KB over several 64 KB segments
