@@ -13,7 +13,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.decode import Limits, Rejected, decode_up, encode_compact
+from gateway.decode import _PLANS, Limits, Rejected, decode_up, encode_compact
 from gateway.durable_log import DurableLog
 from gateway.schema import MARINE
 from tests.gateway.helpers import Node, Publisher, counts_by_node, wait_until
@@ -232,3 +232,20 @@ def test_sequence_fast_path_matches_reading_by_reading() -> None:
     assert slow.nodes["a"] == fast.nodes["a"]
     st = fast.nodes["a"]
     assert (st.received, st.duplicates, st.hi) == (len(set(s for a, n in runs for s in range(a, a + n))), 2, 100)
+
+
+_IN_RANGE = [st.integers(lo, hi) for _j, _n, _s, _i, lo, hi in _PLANS[MARINE.schema_id].cols]  # plausible raw values
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.booleans(), st.lists(st.tuples(st.integers(0, 600), st.sampled_from([0, 0, 0, 1, 2]), st.sampled_from([0x7F, 0x7F, 0x3F, 0x41]),
+                                         st.tuples(*_IN_RANGE)), min_size=1, max_size=60))
+def test_fast_line_rendering_matches_the_general_one(complete: bool, rows: list[tuple[int, int, int, tuple[int, ...]]]) -> None:
+    """The gateway's batch renderer writes exactly what the general record renderer would, flags and gaps included."""
+    from gateway import records
+
+    wire = [(dt, 0 if complete else fl, 0x7F if complete else m, list(v)) for dt, fl, m, v in rows]
+    out = decode_up(TOPIC, encode_compact(MARINE, "buoy-01", 5, NOW - 1000, wire), NOW)
+    assert len(out.readings) == len(rows)
+    rec = records.reading_record(out, "quay 3", 0.0, out.readings)
+    assert records.reading_lines(rec, out, out.readings) == "".join(line + "\n" for line in records.to_lines(rec))
