@@ -23,11 +23,12 @@ import json
 import logging
 import math
 import random
+import struct
 import time
 import zlib
 from collections import OrderedDict
 from array import array
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from itertools import chain
 from operator import itemgetter
 from pathlib import Path
@@ -47,7 +48,8 @@ from gateway.mirror_policy import POINT_TAGS, Policy, PolicyError, ShareRule, fi
 from gateway.mirror_wire import (DIGEST_VERSION, Point, Segment, Spec, WireError, check_manifest, decode_body,
                                  digest_points, encode_segments, fast_columns, float_columns, make_segment, segment_head,
                                  segments_from_points, split_batch, strictly_increasing)
-from gateway.schema import NAME_RE
+from gateway.schema import MAGIC as MAGIC_COMPACT
+from gateway.schema import NAME_RE, SCHEMAS_BY_DOMAIN, Schema
 from gateway.sink_influx import InfluxWriter, Retryable
 
 if TYPE_CHECKING:
@@ -240,27 +242,53 @@ class MirrorSink:
         plan = self._plan(rule)
         return _Route(rule, plan, out_tags, (m, tuple(out_tags.items())), node, segment_head(m, out_tags, plan.names))
 
-    def transform(self, rec: dict[str, Any], buf: dict[tuple[Any, ...], "_Pending"]) -> int:
-        """Policy filter of one log record; its rows go to `buf` (per series and hour) as references and are
-        turned into columns once per flush (Plan.segments). Returns the number of rows taken."""
-        m = rec.get("m", "")
-        tags: dict[str, Any] = rec.get("tags", {})
+    def route_for(self, m: str, tags: dict[str, Any]) -> "str | _Route":
+        """_route(), cached per measurement and tag set."""
         ck = (m, tuple(tags.items()))
         route = self._routes.get(ck)
         if route is None:
             if len(self._routes) >= 100_000:
                 self._routes.clear()
             route = self._routes[ck] = self._route(m, tags)
+        return route
+
+    def _count_filtered(self, reason: str) -> None:
+        child = self._filtered.get(reason)
+        if child is None:
+            child = self._filtered[reason] = self.metrics.filtered.labels(reason)
+        child.inc()
+
+    def take(self, next_off: int, blob: bytes, buf: dict[tuple[Any, ...], "_Pending"]) -> int:
+        """The log frame ending at `next_off` into `buf`: as RecordFeed handed it over when it did, else decoded.
+        Returns the number of rows taken."""
+        got = self.feed.take(next_off) if self.feed is not None else None
+        if got is None or got[0] != records.frame_received_at(blob):
+            return self.transform(records.decode(blob), buf)
+        _a, rec, route, raw = got
+        if rec is not None:
+            return self.transform(rec, buf)
+        if raw is None:
+            assert isinstance(route, str)
+            self._count_filtered(route)
+            return 0
+        assert isinstance(route, _Route)
+        return self._take_raw(route, raw, buf)
+
+    def transform(self, rec: dict[str, Any], buf: dict[tuple[Any, ...], "_Pending"]) -> int:
+        """Policy filter of one log record; its rows go to `buf` (per series and hour) as references and are
+        turned into columns once per flush (Plan.segments). Returns the number of rows taken."""
+        m = rec.get("m", "")
+        route = self.route_for(m, rec.get("tags", {}))
         if isinstance(route, str):
-            child = self._filtered.get(route)
-            if child is None:
-                child = self._filtered[route] = self.metrics.filtered.labels(route)
-            child.inc()
+            self._count_filtered(route)
             return 0
         rows = rec["rows"]
         if route.rule.aggregate_minutes:
             self._aggregate(route.rule, m, route.node, route.tags, rows)
             return 0
+        return self._take_rows(route, rows, buf)
+
+    def _take_rows(self, route: _Route, rows: list[Any], buf: dict[tuple[Any, ...], "_Pending"]) -> int:
         if not rows:
             return 0
         try:
@@ -277,6 +305,7 @@ class MirrorSink:
             elif ts[0] <= pend.last_t:
                 pend.ordered = False
             pend.last_t = ts[-1]
+            pend.materialize()  # a record without its payload's place: values from the rows from now on
             if pend.flat is not None and route.plan.flat_values(rows, pend.flat) is None:
                 pend.unflatten()  # this record is not all floats: keep rows from now on
             if pend.flat is None:
@@ -299,6 +328,56 @@ class MirrorSink:
             pend.seqs.append(row[2])
             pend.recs.append([row])
         return len(rows)
+
+    def _take_raw(self, route: _Route, raw: "RawReadings", buf: dict[tuple[Any, ...], "_Pending"]) -> int:
+        """A usual record (one hour, every shared value present: RecordFeed.put checked) from its compact
+        payload: sequence numbers now, the readings' bytes kept for one vectorised decode per flush
+        (Plan.segments). Ingest's rows are never visited."""
+        payload, head, n, t0, seq0, first, last = raw
+        hour = first - first % 3600
+        key = (route.series, hour)
+        pend = buf.get(key)
+        if pend is None:
+            pend = buf[key] = _Pending(route, hour)
+        layout = route.plan.raw
+        assert layout is not None
+        end = head + n * layout.size
+        if pend.raw is None and pend.flat is None:
+            # This series and hour already holds rows (values that are not all floats; rare): rows too.
+            return self._take_rows(route, layout.rows(payload[head:end], t0, seq0), buf)
+        if first <= pend.last_t:
+            pend.ordered = False  # (times out of order inside the record: found at flush, strictly_increasing)
+        pend.last_t = last
+        if pend.raw is not None:
+            pend.raw.append(payload[head:end])
+            pend.raw_t0.append(t0)
+            pend.raw_n.append(n)
+        else:  # float columns already (a record came without its payload): decoded into them now
+            assert pend.flat is not None
+            ts, cols = layout.columns(payload[head:end], [t0], [n])
+            pend.ts.frombytes(ts.tobytes())
+            for arr, col in zip(pend.flat, cols):
+                arr.frombytes(col.tobytes())
+        pend.seqs.extend(range(seq0, seq0 + n))
+        return n
+
+    def _raw_checked(self, route: "_Route", raw: tuple[bytes, int, int, int, int, int], rows: list[Any]) -> "RawReadings | None":
+        """RecordFeed.put(): the record's place in its compact payload if the sink can take it from there
+        (every reading of the payload, one hour, every shared value present), else None."""
+        layout = route.plan.raw
+        if layout is None or route.rule.aggregate_minutes:
+            return None
+        payload, head, n, t0, seq0, schema_id = raw
+        end = head + n * layout.size
+        if schema_id != layout.schema_id or n != len(rows) or len(payload) < end:
+            return None
+        dts = layout.dts(n).unpack_from(payload, head)
+        first, last = t0 + dts[0], t0 + dts[-1]
+        hour = first - first % 3600
+        if (t0 + max(dts) >= hour + 3600 or t0 + min(dts) < hour or rows[0][0] != first or rows[-1][0] != last
+                or payload[head + 3 : end : layout.size].translate(None, layout.full_masks)):
+            return None  # spans hours, or a shared value absent (mask bit clear)
+        return payload, head, n, t0, seq0, first, last
 
     def _plan(self, rule: ShareRule) -> "Plan":
         plan = self._plans.get(rule.measurement)
@@ -381,14 +460,6 @@ class MirrorSink:
         _n, nbytes, _a = self.archive.pending_stats()
         return nbytes >= self.cfg.archive_max_pending_bytes
 
-    def _record(self, next_off: int, blob: bytes) -> dict[str, Any]:
-        """The record of a log frame: handed over decoded by ingest when it can be (RecordFeed), else decoded."""
-        if self.feed is not None:
-            rec = self.feed.take(next_off)
-            if rec is not None and rec.get("a") == records.frame_received_at(blob):
-                return rec
-        return records.decode(blob)
-
     async def run(self) -> None:
         buf: dict[tuple[Any, ...], _Pending] = {}
         npoints = 0
@@ -410,7 +481,7 @@ class MirrorSink:
                     if first_a is None:
                         first_a = records.frame_received_at(blob)
                         first_seen = time.monotonic()
-                    npoints += self.transform(self._record(next_off, blob), buf)
+                    npoints += self.take(next_off, blob, buf)
                 offset = next_off
                 if npoints >= self.cfg.batch_max_points:
                     break
@@ -530,9 +601,11 @@ class _Route(NamedTuple):
 
 class _Pending:
     """Rows of one series and hour taken from log records since the last flush: times, sequence numbers,
-    references to the rows, and (while every shared value is a float) the shared values row by row."""
+    and the values, in the cheapest form that holds them all: the readings' bytes in their compact payloads
+    (`raw`, while every record came with its payload's place), else (while every shared value is a float)
+    the shared values column by column (`flat`), else references to the rows (`recs`)."""
 
-    __slots__ = ("route", "hour", "ts", "seqs", "recs", "flat", "last_t", "ordered")
+    __slots__ = ("route", "hour", "ts", "seqs", "recs", "flat", "raw", "raw_t0", "raw_n", "last_t", "ordered")
 
     def __init__(self, route: _Route, hour: int) -> None:
         self.route = route
@@ -541,11 +614,29 @@ class _Pending:
         self.seqs: list[Any] = []
         self.recs: list[list[Any]] = []  # the records' row lists
         self.flat: list[array] | None = [array("d") for _ in route.plan.names] if route.plan.getter is not None else None
+        # Raw mode: the readings' bytes, and per record t0 and count (times are t0 + dt, made at flush).
+        self.raw: list[bytes] | None = [] if route.plan.raw is not None else None
+        self.raw_t0: list[int] = []
+        self.raw_n: list[int] = []
         self.last_t = -(2**63)
         self.ordered = True
 
+    def materialize(self) -> None:
+        """Switch from payload bytes to float columns (a record came without its payload's place)."""
+        if self.raw is None:
+            return
+        raw, self.raw = self.raw, None
+        if raw:
+            layout = self.route.plan.raw
+            assert layout is not None and self.flat is not None and not self.ts
+            ts, cols = layout.columns(b"".join(raw), self.raw_t0, self.raw_n)
+            self.ts.frombytes(ts.tobytes())
+            for arr, col in zip(self.flat, cols):
+                arr.frombytes(col.tobytes())
+
     def unflatten(self) -> None:
         """Switch to keeping rows: the points so far become rows of their (shared) float values."""
+        self.materialize()
         if self.flat is None:
             return
         n = len(self.ts)
@@ -556,6 +647,7 @@ class _Pending:
 
     @property
     def rows(self) -> list[Any]:
+        self.materialize()
         if self.flat is not None:
             names = self.route.plan.names
             return [[t, dict(zip(names, vals)), q, 0] for t, q, vals in zip(self.ts, self.seqs, zip(*self.flat))]
@@ -577,6 +669,11 @@ class Plan:
                 and all(k in self.steps and (self.steps[k] is None or type(self.steps[k]) is int) for k in self.names))
         self.getter: Any = itemgetter(*self.names) if fast else None
         self.getters = [itemgetter(k) for k in self.names]
+        schema = SCHEMAS_BY_DOMAIN.get(rule.measurement)
+        # Values straight from compact payloads: only where each shared field is a non-integer field of the
+        # measurement's schema (ingest's value is then exactly raw / scale, a float).
+        self.raw = _RawLayout(schema, self.names) if fast and schema is not None and all(
+            (f := schema.field(k)) is not None and not f.integer for k in self.names) else None
 
     def flat_values(self, rows: list[Any], flat: list[array]) -> list[array] | None:
         """`flat` (a float64 array per field) extended by the rows' shared values when all are floats, else
@@ -598,28 +695,51 @@ class Plan:
         per field and series when each column holds one number type (mirror_wire.fast_columns), else value
         by value through the field rules."""
         out: list[Segment] = []
+        raw: list[_Pending] = []
+        sections: list[bytes] = []
+        t0s: list[int] = []
+        ns: list[int] = []
         flat: list[_Pending] = []
         bufs: list[list[array]] = [[] for _ in self.names]
         rest: list[_Pending] = []
         for p in pends:
-            if p.flat is not None and p.ts and all(len(c) == len(p.ts) for c in p.flat):
+            if p.raw and self.raw is not None:
+                raw.append(p)
+                sections += p.raw
+                t0s += p.raw_t0
+                ns += p.raw_n
+            elif p.flat is not None and p.ts and all(len(c) == len(p.ts) for c in p.flat):
                 flat.append(p)
                 for j, c in enumerate(p.flat):
                     bufs[j].append(c)
             else:
                 rest.append(p)
+        cols: list[Any] = []
+        times: list[list[int]] = []  # per pending series, in the order of `flat` below
+        if raw:
+            assert self.raw is not None
+            ts_all, cols = self.raw.columns(b"".join(sections), t0s, ns)
+            a = 0
+            for p in raw:
+                b = a + sum(p.raw_n)
+                times.append(ts_all[a:b].tolist())
+                a = b
         if flat:
-            fast = float_columns(self.spec, [np.frombuffer(b"".join(b), dtype=np.float64) for b in bufs])
+            fcols = [np.frombuffer(b"".join(b), dtype=np.float64) for b in bufs]
+            cols = [np.concatenate((a, b)) for a, b in zip(cols, fcols)] if cols else fcols
+            times += [p.ts.tolist() for p in flat]
+        flat = raw + flat
+        if flat:
+            fast = float_columns(self.spec, cols)
             if fast is None:
                 rest += flat
             else:
                 kinds, wire, canon = fast
                 a = 0
-                for p in flat:
-                    b = a + len(p.ts)
+                for p, ts in zip(flat, times):
+                    b = a + len(ts)
                     w = [c[a:b] for c in wire]
                     cn = [w[i] if c is wire[i] else c[a:b] for i, c in enumerate(canon)]
-                    ts = p.ts.tolist()
                     out.append(Segment(p.route.series[0], p.route.tags, p.hour, self.names, ts, p.seqs, kinds, w,
                                        None, cn, [], p.ordered and strictly_increasing(ts), p.route.head))
                     a = b
@@ -630,6 +750,7 @@ class Plan:
         return out
 
     def segment(self, p: _Pending) -> Segment | None:
+        p.materialize()
         ts = p.ts.tolist()
         ordered = p.ordered and strictly_increasing(ts)
         rows = p.rows
@@ -670,31 +791,127 @@ class Plan:
                             ordered and strictly_increasing(kept_ts))
 
 
+class _RawLayout:
+    """The compact payload's fixed-size reading (gateway.schema) as a numpy record: the shared fields'
+    float values of many readings in one call, exactly ingest's raw / scale."""
+
+    def __init__(self, schema: Schema, names: list[str]) -> None:
+        st = schema.reading_struct
+        fmt = st.format if isinstance(st.format, str) else st.format.decode()
+        assert fmt[:4] == "<HBB" and len(fmt) == 4 + len(schema.fields)
+        self.dtype = np.dtype([("dt", "<u2"), ("flags", "u1"), ("mask", "u1")]
+                              + [(f.name, "<" + c) for f, c in zip(schema.fields, fmt[4:])])
+        assert self.dtype.itemsize == st.size
+        self.schema_id = schema.schema_id
+        self.size = st.size
+        self.scales = [(k, float(f.scale)) for k in names if (f := schema.field(k)) is not None]
+        need = sum(1 << i for i, f in enumerate(schema.fields) if f.name in names)
+        # Present masks holding every shared field (bytes.translate deletes them; anything left is a miss).
+        self.full_masks = bytes(m for m in range(256) if m & need == need)
+        self._dts: dict[int, struct.Struct] = {}
+
+    def dts(self, n: int) -> struct.Struct:
+        """Struct unpacking the `dt` (u16, first) of n readings in one call."""
+        st = self._dts.get(n)
+        if st is None:
+            st = self._dts[n] = struct.Struct("<" + f"H{self.size - 2}x" * n)
+        return st
+
+    def rows(self, blob: bytes, t0: int, seq0: int) -> list[Any]:
+        """The readings of one record as rows of their shared values (for a series already kept as rows)."""
+        rec = np.frombuffer(blob, dtype=self.dtype)
+        ts, cols = self.columns(blob, [t0], [len(rec)])
+        names = [k for k, _s in self.scales]
+        return [[t, dict(zip(names, vals)), seq0 + i, 0] for i, (t, *vals) in enumerate(zip(ts.tolist(), *(c.tolist() for c in cols)))]
+
+    def columns(self, blob: bytes, t0s: list[int], ns: list[int]) -> tuple[Any, list[Any]]:
+        """Times (int64: each record's t0 + dt) and a float64 column per shared field of the readings in
+        `blob`: the decoder's raw / scale (both exact in a double, so numpy's correctly rounded division
+        gives Python's int / int bit for bit)."""
+        rec = np.frombuffer(blob, dtype=self.dtype)
+        ts = rec["dt"].astype(np.int64) + np.repeat(np.asarray(t0s, dtype=np.int64), ns)
+        return ts, [rec[k].astype(np.float64) / scale for k, scale in self.scales]
+
+
+# Where a record's readings sit in the compact payload they were decoded from (docs/wire-format.md):
+# (payload, head, n, t0, seq0, first time, last time): n fixed-size readings from byte `head`, times
+# t0 + dt, sequence numbers seq0 + i. A plain tuple: RecordFeed.put() makes one per message on ingest's path.
+RawReadings = tuple[bytes, int, int, int, int, int, int]
+
+_COMPACT_TAIL = struct.Struct("<IIB")  # seq0, t0, count after the node id (docs/wire-format.md)
+_COMPACT_MAGIC = bytes([MAGIC_COMPACT])
+
+
 class RecordFeed:
-    """Decoded log records handed from ingest to the mirror sink, so the sink does not parse the JSON
-    again (~2.4 µs per reading). Keyed by the log offset after the record; bounded; a miss (the sink
-    lagging, a restart) just means the sink decodes the frame. Ingest calls put() after each append."""
+    """Log records handed from ingest to the mirror sink, so the sink does not parse the JSON again
+    (~2.4 µs per reading). Keyed by the log offset after the record; bounded; a miss (the sink lagging,
+    a restart) just means the sink decodes the frame. Ingest calls put() after each log write.
 
-    def __init__(self, max_rows: int = 50_000) -> None:
+    With the ingest batch's MQTT messages and the sink's routes (`sink`), put() keeps no reference to
+    ingest's rows for a record the sink does not mirror, nor for one that holds every reading of a
+    compact payload: for that one it keeps the payload's place (RawReadings), and the sink takes the
+    shared values as fixed-width integers, vectorised once per flush. bench/mirror_bench.py showed both
+    costs of the rows: visiting five Python floats per reading in ingest's dicts, and the young garbage
+    collections that traversed the rows the feed kept alive (ingest's own rows die before any)."""
+
+    # A record kept as its payload's place weighs this many readings per row kept (memory: ~20 bytes of
+    # payload against ~400 of row objects), so the bound is about memory, not readings.
+    RAW_WEIGHT = 1 / 16
+
+    def __init__(self, max_rows: int = 50_000, sink: MirrorSink | None = None) -> None:
         self.max_rows = max_rows
-        self._recs: OrderedDict[int, dict[str, Any]] = OrderedDict()
-        self._rows = 0
+        self.sink = sink
+        # offset after the frame -> (received_at, record or None, route or None, RawReadings or None)
+        self._recs: OrderedDict[int, tuple[float, dict[str, Any] | None, Any, RawReadings | None]] = OrderedDict()
+        self._rows: dict[int, int] = {}  # offset -> weight in the bound
+        self._nrows = 0
 
-    def put(self, end_offset: int, frames: list[bytes], recs: list[dict[str, Any]]) -> None:
+    def put(self, end_offset: int, frames: list[bytes], recs: list[dict[str, Any]], msgs: Sequence[Any] = ()) -> None:
+        """`msgs`: the ingest batch's messages (anything with a `payload`), in any order."""
+        index: dict[tuple[bytes, int], tuple[bytes, int, int, int, int, int] | None] = {}
+        sink = self.sink
+        if sink is not None:
+            unpack = _COMPACT_TAIL.unpack_from
+            for msg in msgs:
+                payload = msg.payload
+                # Only the header is read: ingest has validated the message, and the record must match it below.
+                if payload[:1] == _COMPACT_MAGIC and len(payload) >= 3 + payload[2] + _COMPACT_TAIL.size:
+                    nlen = payload[2]
+                    seq0, t0, n = unpack(payload, 3 + nlen)
+                    key = (payload[3 : 3 + nlen], seq0)
+                    # Two payloads of one node starting at the same number (a resend): which one ingest
+                    # kept is not known here, so neither is used (the sink takes the record's values).
+                    index[key] = None if key in index else (payload, 3 + nlen + _COMPACT_TAIL.size, n, t0, seq0, payload[1])
         off = end_offset - sum(len(f) + LOG_FRAME_OVERHEAD for f in frames)
         for f, r in zip(frames, recs):
             off += len(f) + LOG_FRAME_OVERHEAD
-            self._recs[off] = r
-            self._rows += len(r.get("rows", ()))
-        while self._rows > self.max_rows and self._recs:
-            _off, old = self._recs.popitem(last=False)
-            self._rows -= len(old.get("rows", ()))
+            rows = r.get("rows", ())
+            entry: tuple[float, dict[str, Any] | None, Any, RawReadings | None] = (r.get("a", 0.0), r, None, None)
+            if sink is not None:
+                tags = r.get("tags", {})
+                route = sink.route_for(r.get("m", ""), tags)
+                if isinstance(route, str):
+                    entry = (entry[0], None, route, None)  # not mirrored: only counted
+                elif index and rows:
+                    found = index.get((str(tags.get("node", "")).encode(), rows[0][2]))
+                    # Every reading of the payload, none rejected nor de-duplicated: same count, same first
+                    # number (the rows are a subset of the payload's readings, in order), same times.
+                    raw = sink._raw_checked(route, found, rows) if found is not None else None
+                    if raw is not None:
+                        entry = (entry[0], None, route, raw)
+            self._recs[off] = entry
+            weight = len(rows) if entry[1] is not None else 1 + int(len(rows) * self.RAW_WEIGHT)
+            self._rows[off] = weight
+            self._nrows += weight
+        while self._nrows > self.max_rows and self._recs:
+            old, _ = self._recs.popitem(last=False)
+            self._nrows -= self._rows.pop(old)
 
-    def take(self, end_offset: int) -> dict[str, Any] | None:
-        r = self._recs.pop(end_offset, None)
-        if r is not None:
-            self._rows -= len(r.get("rows", ()))
-        return r
+    def take(self, end_offset: int) -> tuple[float, dict[str, Any] | None, Any, RawReadings | None] | None:
+        got = self._recs.pop(end_offset, None)
+        if got is not None:
+            self._nrows -= self._rows.pop(end_offset)
+        return got
 
 
 # -- sending side: link, acknowledgements, reconciliation -----------------------------------------
@@ -1161,7 +1378,7 @@ def build_mirror_stages(gw: "Gateway") -> tuple[list["Sink"], list[Awaitable[Non
     sink = MirrorSink(gw, cfg, policy, archive, metrics, ready)
     # Ingest hands decoded records over when it knows `mirror_feed` (Gateway._ingest calls put() after
     # each log append); without that, the feed stays empty and the sink decodes every frame itself.
-    sink.feed = RecordFeed()
+    sink.feed = RecordFeed(sink=sink)
     gw.mirror_feed = sink.feed
     sender = Sender(gw, cfg, policy, archive, metrics, sink, ready)
     stages: list[Awaitable[None]] = [sender.run()]
