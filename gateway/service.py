@@ -34,6 +34,8 @@ from gateway.topics import TopicError, parse_topic
 
 log = logging.getLogger("twinedge.gateway")
 
+_THREAD_SYNC_BYTES = 64 * 1024  # unsynced bytes from which the fdatasync goes to a worker thread
+
 
 class Sink(Protocol):
     name: str
@@ -198,14 +200,10 @@ class Gateway:
         q = mqtt.queue
         while not self.stopping.is_set():
             if not q:
+                # One event, no helper tasks: at one reading per message this wait runs for every few
+                # messages. request_stop() sets the wakeup too.
                 mqtt.wakeup.clear()
-                if q:
-                    continue
-                waiter = asyncio.ensure_future(mqtt.wakeup.wait())
-                stopper = asyncio.ensure_future(self.stopping.wait())
-                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                stopper.cancel()
+                await mqtt.wakeup.wait()
                 continue
             if not self.log.has_room(self.record_bound(q[0])):
                 # Full policy: stop acknowledging; the broker keeps the backlog. Never evict.
@@ -246,8 +244,10 @@ class Gateway:
             await asyncio.sleep(0)
 
     async def _commit(self, mqtt: MqttIngest) -> None:
-        """Group commit: one fdatasync on a worker thread for everything ingest wrote meanwhile, then
-        PUBACK those messages and wake the sinks. Ingest goes on decoding during the fdatasync."""
+        """Group commit: one fdatasync for everything ingest wrote meanwhile, then PUBACK those messages
+        and wake the sinks. A large group is synced on a worker thread so ingest goes on decoding (50
+        readings/message: 150-158k vs 124-146k readings/s); a small one inline, where the thread hand-off
+        cost more CPU than the fdatasync blocks (1 reading/message)."""
         assert self.appended is not None
         loop = asyncio.get_running_loop()
         while True:
@@ -260,8 +260,11 @@ class Gateway:
             end = self.log.end
             batches = list(self._unsynced)
             self._unsynced.clear()
-            if end > self.log.durable_end:
+            if end - self.log.durable_end >= _THREAD_SYNC_BYTES:
                 await loop.run_in_executor(None, self.log.sync, self.log.unsynced_fds())
+            elif end > self.log.durable_end:
+                self.log.sync(self.log.unsynced_fds())  # ~0.2 ms: cheaper than a thread hand-off
+            if end > self.log.durable_end:
                 self.log.mark_durable(end)
                 async with self.appended:
                     self.appended.notify_all()
@@ -394,7 +397,7 @@ class Gateway:
         done, _ = await asyncio.wait([*all_tasks, asyncio.ensure_future(self.stopping.wait())],
                                      return_when=asyncio.FIRST_COMPLETED)
         failed = [t for t in done if t in all_tasks and t.exception() is not None]
-        self.stopping.set()
+        self.request_stop()
         await asyncio.gather(ingest, stats, return_exceptions=True)
         if not commit.done():
             await asyncio.gather(commit, return_exceptions=True)  # acknowledges what ingest made durable
@@ -433,3 +436,5 @@ class Gateway:
 
     def request_stop(self) -> None:
         self.stopping.set()
+        if self.mqtt is not None:
+            self.mqtt.wakeup.set()

@@ -8,10 +8,13 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from bench._common import build_payloads
 from gateway import records
 from gateway.config import GatewayConfig
 from gateway.ingest_mqtt import Inbound
+from gateway import service
 from gateway.service import Gateway
 
 
@@ -31,7 +34,8 @@ class RecordingIngest:
         return len(items)
 
 
-async def test_no_puback_before_the_fdatasync_returns(tmp_path: Path) -> None:
+async def test_no_puback_before_the_fdatasync_returns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "_THREAD_SYNC_BYTES", 1)  # every group on the worker thread (small ones sync inline)
     gw = Gateway(GatewayConfig(city="copenhagen", data_dir=tmp_path))
     gw.appended = asyncio.Condition()
     release = threading.Event()
@@ -65,6 +69,7 @@ async def test_no_puback_before_the_fdatasync_returns(tmp_path: Path) -> None:
     kinds = [records.decode(blob)["m"] for _, blob in gw.log.read(0)]
     assert len([k for k in kinds if k in ("marine", "mobility")]) == 12  # plus alarm records
     gw.stopping.set()
+    mq.wakeup.set()
     await asyncio.gather(ingest, commit)
     gw.log.close()
     gw.dead.close()
