@@ -30,20 +30,25 @@ class AlarmTracker:
     def __init__(self, city: str, bands: dict[str, dict[str, Band]]) -> None:
         self.city = city
         self.bands = bands
-        self.state: dict[tuple[str, str], str] = {}
+        inf = float("inf")
+        # Per domain: (field, lower, upper, configured lo, configured hi) with open sides as infinities.
+        self._limits = {
+            domain: [(name, -inf if lo is None else lo, inf if hi is None else hi, lo, hi) for name, (lo, hi) in b.items()]
+            for domain, b in bands.items()
+        }
+        self.state: dict[str, dict[str, str]] = {}  # node -> field -> "low" | "ok" | "high"
 
     def check(self, domain: str, node: str, rows: list[Any], received_at: float) -> dict[str, Any] | None:
         """Alarm record for the state changes in these readings (or None)."""
-        bands = self.bands.get(domain)
-        if not bands:
+        limits = self._limits.get(domain)
+        if not limits:
             return None
+        states = self.state.get(node)
+        if states is None:
+            states = self.state[node] = {}
         out_rows: list[list[Any]] = []
-        inf = float("inf")
-        for name, (lo, hi) in bands.items():
-            key = (node, name)
-            cur = self.state.get(key)
-            low = -inf if lo is None else lo
-            high = inf if hi is None else hi
+        for name, low, high, lo, hi in limits:
+            cur = states.get(name)
             for r in rows:
                 v = r.values.get(name)
                 if v is None:
@@ -58,7 +63,7 @@ class AlarmTracker:
                         fields["hi"] = float(hi)
                     out_rows.append([r.t, fields, None, 0, name])
             if cur is not None:
-                self.state[key] = cur
+                states[name] = cur
         if not out_rows:
             return None
         out_rows.sort(key=lambda row: row[0])

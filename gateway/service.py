@@ -30,7 +30,7 @@ from gateway.metrics import GatewayMetrics, HealthState, start_http
 from gateway.sequence import SequenceTracker
 from gateway.sink_influx import InfluxSink
 from gateway.status import StatusError, status_record
-from gateway.topics import TopicError, parse_topic
+from gateway.topics import Topic, TopicError, parse_topic
 
 log = logging.getLogger("twinedge.gateway")
 
@@ -91,6 +91,9 @@ class Gateway:
         # Bound metric children: prometheus' labels() lookup costs more than the rest of a small message.
         self._received_by_kind = {k: self.metrics.received.labels(k) for k in ("up", "status", "cfg", "cmd")}
         self._accepted_by_domain = {d: self.metrics.accepted.labels(d) for d in ("marine", "mobility")}
+        self._batch_received: dict[str, int] = {}
+        self._batch_accepted: dict[str, int] = {}
+        self._topics: dict[str, Topic] = {}  # parsed topics: one node publishes on the same few
         self.registry = Registry(cfg)
         self.registry.load()
         self.limits = cfg.limits.to_limits()
@@ -119,8 +122,17 @@ class Gateway:
         out: list[tuple[dict[str, Any], str | None]] = []
         dead: list[DeadLetter] = []
         now = int(time.time())
+        received = self._batch_received = dict.fromkeys(self._received_by_kind, 0)
+        accepted = self._batch_accepted = dict.fromkeys(self._accepted_by_domain, 0)
         for msg in batch:
             self._process_one(msg, now, out, dead)
+        # One prometheus inc() per batch, not per message (two per message were ~5 % of the CPU at 1/message).
+        for kind, n in received.items():
+            if n:
+                self._received_by_kind[kind].inc(n)
+        for domain, n in accepted.items():
+            if n:
+                self._accepted_by_domain[domain].inc(n)
         for d in dead:
             self.metrics.dead_letters.labels(d.stage, d.reason).inc()
         self.counts["dead_letters"] += len(dead)
@@ -130,12 +142,17 @@ class Gateway:
     def _process_one(self, msg: Inbound, now: int, out: list[tuple[dict[str, Any], str | None]],
                      dead: list[DeadLetter]) -> None:
         m = self.metrics
-        try:
-            topic = parse_topic(msg.topic)
-        except TopicError as e:
-            dead.append(DeadLetter("decode", "topic", str(e), msg.topic, None, msg.payload))
-            return
-        self._received_by_kind[topic.kind].inc()
+        topic = self._topics.get(msg.topic)
+        if topic is None:
+            try:
+                topic = parse_topic(msg.topic)
+            except TopicError as e:
+                dead.append(DeadLetter("decode", "topic", str(e), msg.topic, None, msg.payload))
+                return
+            if len(self._topics) >= 100_000:  # bounded: a flood of made-up node names cannot grow it
+                self._topics.clear()
+            self._topics[msg.topic] = topic
+        self._batch_received[topic.kind] += 1
         if topic.city != self.cfg.city:
             dead.append(DeadLetter("decode", "topic", f"city {topic.city!r} is not this gateway's ({self.cfg.city})",
                                    msg.topic, topic.node, msg.payload))
@@ -192,7 +209,7 @@ class Gateway:
             alarm = self.alarms.check(dec.schema.domain, dec.node, fresh, msg.received_at)
             if alarm is not None:
                 out.append((alarm, None))
-            self._accepted_by_domain[dec.schema.domain].inc(len(fresh))
+            self._batch_accepted[dec.schema.domain] += len(fresh)
             self.counts["accepted_readings"] += len(fresh)
 
     async def _ingest(self, mqtt: MqttIngest) -> None:
