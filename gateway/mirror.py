@@ -210,6 +210,7 @@ class MirrorSink:
         self._cursor_saved_at = 0.0
         self._filtered: dict[str, Any] = {}
         self.feed: RecordFeed | None = None
+        self._under_bound = False
         for m, node, b, tags, state in archive.agg_dirty():
             self._bins[(m, node, b)] = [tags, state, True]
 
@@ -258,13 +259,26 @@ class MirrorSink:
             child = self._filtered[reason] = self.metrics.filtered.labels(reason)
         child.inc()
 
-    def take(self, next_off: int, blob: bytes, buf: dict[tuple[Any, ...], "_Pending"]) -> int:
-        """The log frame ending at `next_off` into `buf`: as RecordFeed handed it over when it did, else decoded.
-        Returns the number of rows taken."""
-        got = self.feed.take(next_off) if self.feed is not None else None
-        if got is None or got[0] != records.frame_received_at(blob):
+    def _read(self, offset: int) -> list[tuple[int, bytes | None]]:
+        """Log frames from `offset`: (offset after it, the frame, or None where RecordFeed holds the record
+        and the log has made it durable: then the frame is not read back from the log)."""
+        if self.feed is not None:
+            ends = self.feed.chain(offset, self.gw.log.durable_end, 4096)
+            if ends:
+                return [(end, None) for end in ends]
+        return self.gw.log.read(offset, max_bytes=1024 * 1024)  # type: ignore[return-value]
+
+    def take(self, start: int, end: int, blob: bytes | None, buf: dict[tuple[Any, ...], "_Pending"]) -> int:
+        """The log frame from `start` to `end` into `buf`: as RecordFeed handed it over when it did, else
+        decoded. Returns the number of rows taken."""
+        got = self.feed.take(start) if self.feed is not None else None
+        if got is not None and (got[4] != end or (blob is not None and got[0] != records.frame_received_at(blob))):
+            got = None
+        if got is None:
+            if blob is None:
+                blob = self.gw.log.read(start, max_bytes=1)[0][1]
             return self.transform(records.decode(blob), buf)
-        _a, rec, route, raw = got
+        _a, rec, route, raw, _end = got
         if rec is not None:
             return self.transform(rec, buf)
         if raw is None:
@@ -457,8 +471,17 @@ class MirrorSink:
                 pass
 
     def _over_bound(self) -> bool:
+        # Pending bytes grow only when a batch is committed (_flush, replay_batch, which clear the flag);
+        # until then a "no" stays true, and the archive is not asked on every loop.
+        if self._under_bound:
+            return False
         _n, nbytes, _a = self.archive.pending_stats()
-        return nbytes >= self.cfg.archive_max_pending_bytes
+        self._under_bound = nbytes < self.cfg.archive_max_pending_bytes
+        return not self._under_bound
+
+    def _feed_a(self, start: int) -> float:
+        a = self.feed.received_at(start) if self.feed is not None else None
+        return a if a is not None else time.time()
 
     async def run(self) -> None:
         buf: dict[tuple[Any, ...], _Pending] = {}
@@ -475,13 +498,13 @@ class MirrorSink:
                 await self._wait(1.0)
                 continue
             self.gw.health.set("mirror_archive", None)
-            recs = self.gw.log.read(offset, max_bytes=1024 * 1024)
+            recs = self._read(offset)
             for next_off, blob in recs:
                 if next_off > applied:
                     if first_a is None:
-                        first_a = records.frame_received_at(blob)
+                        first_a = records.frame_received_at(blob) if blob is not None else self._feed_a(offset)
                         first_seen = time.monotonic()
-                    npoints += self.take(next_off, blob, buf)
+                    npoints += self.take(offset, next_off, blob, buf)
                 offset = next_off
                 if npoints >= self.cfg.batch_max_points:
                     break
@@ -520,6 +543,7 @@ class MirrorSink:
                 msg, _manifest = encode_segments(self._manifest_base(batch_id, False), chunk)
             self.archive.commit_batch(batch_id, msg, chunk, first_a, False,
                                       offset if last else None, agg_rows if last else [])
+            self._under_bound = False
             if chunk:
                 self.batch_ready.set()
         self.cursor = offset
@@ -554,6 +578,7 @@ class MirrorSink:
         segs = segments_from_points(points, self.spec_for)
         msg, _ = encode_segments(self._manifest_base(batch_id, True), segs)
         self.archive.commit_batch(batch_id, msg, segs, time.time(), True, None, [])
+        self._under_bound = False
         self.batch_ready.set()
         return batch_id
 
@@ -838,14 +863,18 @@ class _RawLayout:
 # t0 + dt, sequence numbers seq0 + i. A plain tuple: RecordFeed.put() makes one per message on ingest's path.
 RawReadings = tuple[bytes, int, int, int, int, int, int]
 
+# RecordFeed entry: (received_at, record or None, route or None, RawReadings or None, log offset after the frame)
+_FeedEntry = tuple[float, dict[str, Any] | None, Any, RawReadings | None, int]
+
 _COMPACT_TAIL = struct.Struct("<IIB")  # seq0, t0, count after the node id (docs/wire-format.md)
 _COMPACT_MAGIC = bytes([MAGIC_COMPACT])
 
 
 class RecordFeed:
-    """Log records handed from ingest to the mirror sink, so the sink does not parse the JSON again
-    (~2.4 µs per reading). Keyed by the log offset after the record; bounded; a miss (the sink lagging,
-    a restart) just means the sink decodes the frame. Ingest calls put() after each log write.
+    """Log records handed from ingest to the mirror sink, so the sink neither reads the frames back from
+    the log nor parses their JSON again (~2.4 µs per reading). Keyed by the frame's log offset; bounded;
+    a miss (the sink lagging, a restart, frames not written by ingest) just means the sink reads and
+    decodes the frame. Ingest calls put() right after each log write.
 
     With the ingest batch's MQTT messages and the sink's routes (`sink`), put() keeps no reference to
     ingest's rows for a record the sink does not mirror, nor for one that holds every reading of a
@@ -861,8 +890,8 @@ class RecordFeed:
     def __init__(self, max_rows: int = 50_000, sink: MirrorSink | None = None) -> None:
         self.max_rows = max_rows
         self.sink = sink
-        # offset after the frame -> (received_at, record or None, route or None, RawReadings or None)
-        self._recs: OrderedDict[int, tuple[float, dict[str, Any] | None, Any, RawReadings | None]] = OrderedDict()
+        # log offset of the frame -> (received_at, record or None, route or None, RawReadings or None, offset after it)
+        self._recs: OrderedDict[int, _FeedEntry] = OrderedDict()
         self._rows: dict[int, int] = {}  # offset -> weight in the bound
         self._nrows = 0
 
@@ -884,34 +913,51 @@ class RecordFeed:
                     index[key] = None if key in index else (payload, 3 + nlen + _COMPACT_TAIL.size, n, t0, seq0, payload[1])
         off = end_offset - sum(len(f) + LOG_FRAME_OVERHEAD for f in frames)
         for f, r in zip(frames, recs):
-            off += len(f) + LOG_FRAME_OVERHEAD
+            start, off = off, off + len(f) + LOG_FRAME_OVERHEAD
             rows = r.get("rows", ())
-            entry: tuple[float, dict[str, Any] | None, Any, RawReadings | None] = (r.get("a", 0.0), r, None, None)
+            entry: _FeedEntry = (r.get("a", 0.0), r, None, None, off)
             if sink is not None:
                 tags = r.get("tags", {})
                 route = sink.route_for(r.get("m", ""), tags)
                 if isinstance(route, str):
-                    entry = (entry[0], None, route, None)  # not mirrored: only counted
+                    entry = (entry[0], None, route, None, off)  # not mirrored: only counted
                 elif index and rows:
                     found = index.get((str(tags.get("node", "")).encode(), rows[0][2]))
                     # Every reading of the payload, none rejected nor de-duplicated: same count, same first
                     # number (the rows are a subset of the payload's readings, in order), same times.
                     raw = sink._raw_checked(route, found, rows) if found is not None else None
                     if raw is not None:
-                        entry = (entry[0], None, route, raw)
-            self._recs[off] = entry
+                        entry = (entry[0], None, route, raw, off)
+            self._recs[start] = entry
             weight = len(rows) if entry[1] is not None else 1 + int(len(rows) * self.RAW_WEIGHT)
-            self._rows[off] = weight
+            self._rows[start] = weight
             self._nrows += weight
         while self._nrows > self.max_rows and self._recs:
             old, _ = self._recs.popitem(last=False)
             self._nrows -= self._rows.pop(old)
 
-    def take(self, end_offset: int) -> tuple[float, dict[str, Any] | None, Any, RawReadings | None] | None:
-        got = self._recs.pop(end_offset, None)
+    def take(self, start: int) -> _FeedEntry | None:
+        """The entry of the frame at log offset `start`, removed."""
+        got = self._recs.pop(start, None)
         if got is not None:
-            self._nrows -= self._rows.pop(end_offset)
+            self._nrows -= self._rows.pop(start)
         return got
+
+    def chain(self, start: int, limit: int, max_n: int) -> list[int]:
+        """End offsets of the consecutive frames from `start` that the feed holds and that end at or before
+        `limit` (the log's durable end: a sink never goes past it), at most max_n."""
+        out: list[int] = []
+        while len(out) < max_n:
+            e = self._recs.get(start)
+            if e is None or e[4] > limit:
+                break
+            start = e[4]
+            out.append(start)
+        return out
+
+    def received_at(self, start: int) -> float | None:
+        e = self._recs.get(start)
+        return None if e is None else e[0]
 
 
 # -- sending side: link, acknowledgements, reconciliation -----------------------------------------

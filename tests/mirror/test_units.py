@@ -226,12 +226,14 @@ def test_record_feed_hands_over_and_stays_bounded() -> None:
     feed = RecordFeed(max_rows=10)
     frames = [b"x" * 10, b"y" * 20]
     recs = [{"a": 1.0, "rows": [[1]] * 4}, {"a": 2.0, "rows": [[1]] * 4}]
-    feed.put(100 + 18 + 28, frames, recs)
-    assert feed.take(118) == (1.0, recs[0], None, None) and feed.take(118) is None
-    assert feed.take(146) == (2.0, recs[1], None, None)
+    feed.put(100 + 18 + 28, frames, recs)  # frames at 100 and 118, ending at 146
+    assert feed.chain(100, 146, 10) == [118, 146] and feed.chain(100, 145, 10) == [118]  # never past `limit`
+    assert feed.received_at(118) == 2.0
+    assert feed.take(100) == (1.0, recs[0], None, None, 118) and feed.take(100) is None
+    assert feed.take(118) == (2.0, recs[1], None, None, 146)
     feed.put(200, frames, recs)
     feed.put(300, frames, recs)  # 16 rows > 10: the oldest go
-    assert feed.take(172) is None and feed.take(300) == (2.0, recs[1], None, None)
+    assert feed.take(154) is None and feed.take(272) == (2.0, recs[1], None, None, 300)
 
 
 def test_regular_times_and_sequences_round_trip() -> None:
@@ -351,12 +353,12 @@ def test_compact_payload_way_equals_the_rows_way(batches: list[list[Any]], regul
         feed.put(end, frames, recs, msgs)
         off = end - sum(len(f) + 8 for f in frames)
         for f, r in zip(frames, recs):
-            off += len(f) + 8
-            got = feed._recs.get(off)
-            assert got is not None and got[0] == r["a"]
+            start, off = off, off + len(f) + 8
+            got = feed._recs.get(start)
+            assert got is not None and got[0] == r["a"] and got[4] == off
             used_raw |= got[3] is not None
             assert got[1] is (r if got[3] is None else None)  # a record taken from its payload: rows not kept
-            assert raw_sink.take(off, f, raw_buf) == row_sink.transform(r, row_buf)
+            assert raw_sink.take(start, off, f if start % 2 else None, raw_buf) == row_sink.transform(r, row_buf)
     assert not feed._recs
     unique = any([(m[0], m[1]) for m in batch].count((node, seq0)) == 1 for batch in batches for node, seq0, *_ in batch)
     if regular and unique:  # (a resend within one ingest batch is not matched: either could be the one kept)
