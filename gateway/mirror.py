@@ -28,6 +28,7 @@ import time
 import zlib
 from collections import OrderedDict
 from array import array
+from bisect import bisect_left
 from collections.abc import Awaitable, Sequence
 from itertools import chain
 from operator import itemgetter
@@ -309,26 +310,17 @@ class MirrorSink:
             ts = array("q", map(_T, rows))  # TypeError: a time that is not an integer (row by row below)
         except (TypeError, OverflowError):
             ts = None
-        if ts is not None and strictly_increasing(ts) and ts[-1] < ts[0] - ts[0] % 3600 + 3600:
-            # The usual record: one hour, in order. Its shared values are taken now, while ingest's row
-            # objects are still in the CPU cache (at flush time they are not: measured ~3x slower).
-            key = (route.series, ts[0] - ts[0] % 3600)
-            pend = buf.get(key)
-            if pend is None:
-                pend = buf[key] = _Pending(route, ts[0] - ts[0] % 3600)
-            elif ts[0] <= pend.last_t:
-                pend.ordered = False
-            pend.last_t = ts[-1]
-            pend.materialize()  # a record without its payload's place: values from the rows from now on
-            if pend.flat is not None and route.plan.flat_values(rows, pend.flat) is None:
-                pend.unflatten()  # this record is not all floats: keep rows from now on
-            if pend.flat is None:
-                pend.recs.append(rows)
-            # (while the values are kept as floats the rows are not: ingest's objects go right away)
-            pend.ts.extend(ts)
-            pend.seqs.extend(map(_SEQ, rows))
-            return len(rows)
-        for row in rows:  # times spanning hours, out of order or not integers (rare): row by row
+        if ts is not None and strictly_increasing(ts):
+            # The usual record: in order, one hour (else one run per hour). Its shared values are taken now,
+            # while ingest's row objects are still in the CPU cache (at flush time they are not: ~3x slower).
+            i, n = 0, len(ts)
+            while i < n:
+                hour = ts[i] - ts[i] % 3600
+                j = n if ts[-1] < hour + 3600 else bisect_left(ts, hour + 3600, i)
+                self._take_run(route, rows if j - i == n else rows[i:j], ts if j - i == n else ts[i:j], hour, buf)
+                i = j
+            return n
+        for row in rows:  # times out of order or not integers (rare): row by row
             t = int(row[0])
             key = (route.series, t - t % 3600)
             pend = buf.get(key)
@@ -343,10 +335,31 @@ class MirrorSink:
             pend.recs.append([row])
         return len(rows)
 
-    def _take_raw(self, route: _Route, raw: "RawReadings", buf: dict[tuple[Any, ...], "_Pending"]) -> int:
-        """A usual record (one hour, every shared value present: RecordFeed.put checked) from its compact
-        payload: sequence numbers now, the readings' bytes kept for one vectorised decode per flush
-        (Plan.segments). Ingest's rows are never visited."""
+    def _take_run(self, route: _Route, rows: list[Any], ts: array, hour: int, buf: dict[tuple[Any, ...], "_Pending"]) -> None:
+        """Rows of one hour, times strictly increasing."""
+        key = (route.series, hour)
+        pend = buf.get(key)
+        if pend is None:
+            pend = buf[key] = _Pending(route, hour)
+        elif ts[0] <= pend.last_t:
+            pend.ordered = False
+        pend.last_t = ts[-1]
+        pend.materialize()  # a record without its payload's place: values from the rows from now on
+        if pend.flat is not None and route.plan.flat_values(rows, pend.flat) is None:
+            pend.unflatten()  # this record is not all floats: keep rows from now on
+        if pend.flat is None:
+            pend.recs.append(rows)
+        # (while the values are kept as floats the rows are not: ingest's objects go right away)
+        pend.ts.extend(ts)
+        pend.seqs.extend(map(_SEQ, rows))
+
+    def _take_raw(self, route: _Route, runs: "tuple[RawReadings, ...]", buf: dict[tuple[Any, ...], "_Pending"]) -> int:
+        return sum(self._take_raw_run(route, raw, buf) for raw in runs)
+
+    def _take_raw_run(self, route: _Route, raw: "RawReadings", buf: dict[tuple[Any, ...], "_Pending"]) -> int:
+        """One hour's run of a record's readings (every shared value present: RecordFeed.put checked) from
+        its compact payload: sequence numbers now, the readings' bytes kept for one vectorised decode per
+        flush (Plan.segments). Ingest's rows are never visited."""
         payload, head, n, t0, seq0, first, last = raw
         hour = first - first % 3600
         key = (route.series, hour)
@@ -375,23 +388,36 @@ class MirrorSink:
         pend.seqs.extend(range(seq0, seq0 + n))
         return n
 
-    def _raw_checked(self, route: "_Route", raw: tuple[bytes, int, int, int, int, int], rows: list[Any]) -> "RawReadings | None":
-        """RecordFeed.put(): the record's place in its compact payload if the sink can take it from there
-        (every reading of the payload, one hour, every shared value present), else None."""
+    def _raw_checked(self, route: "_Route", raw: tuple[bytes, int, int, int, int, int],
+                     rows: list[Any]) -> "tuple[RawReadings, ...] | None":
+        """RecordFeed.put(): the record's place in its compact payload, one run per hour, if the sink can take
+        it from there (every reading of the payload, every shared value present, times in order when they
+        span hours), else None."""
         layout = route.plan.raw
         if layout is None or route.rule.aggregate_minutes:
             return None
         payload, head, n, t0, seq0, schema_id = raw
-        end = head + n * layout.size
+        size = layout.size
+        end = head + n * size
         if schema_id != layout.schema_id or n != len(rows) or len(payload) < end:
             return None
         dts = layout.dts(n).unpack_from(payload, head)
         first, last = t0 + dts[0], t0 + dts[-1]
+        if rows[0][0] != first or rows[-1][0] != last or payload[head + 3 : end : size].translate(None, layout.full_masks):
+            return None  # not the record's readings, or a shared value absent (mask bit clear)
         hour = first - first % 3600
-        if (t0 + max(dts) >= hour + 3600 or t0 + min(dts) < hour or rows[0][0] != first or rows[-1][0] != last
-                or payload[head + 3 : end : layout.size].translate(None, layout.full_masks)):
-            return None  # spans hours, or a shared value absent (mask bit clear)
-        return payload, head, n, t0, seq0, first, last
+        if t0 + max(dts) < hour + 3600 and t0 + min(dts) >= hour:
+            return ((payload, head, n, t0, seq0, first, last),)
+        if not strictly_increasing(dts):
+            return None
+        runs = []
+        i = 0
+        while i < n:  # one run per hour
+            t = t0 + dts[i]
+            j = bisect_left(dts, t - t % 3600 + 3600 - t0, i)
+            runs.append((payload, head + i * size, j - i, t0, seq0 + i, t, t0 + dts[j - 1]))
+            i = j
+        return tuple(runs)
 
     def _plan(self, rule: ShareRule) -> "Plan":
         plan = self._plans.get(rule.measurement)
@@ -864,7 +890,7 @@ class _RawLayout:
 RawReadings = tuple[bytes, int, int, int, int, int, int]
 
 # RecordFeed entry: (received_at, record or None, route or None, RawReadings or None, log offset after the frame)
-_FeedEntry = tuple[float, dict[str, Any] | None, Any, RawReadings | None, int]
+_FeedEntry = tuple[float, dict[str, Any] | None, Any, tuple[RawReadings, ...] | None, int]
 
 _COMPACT_TAIL = struct.Struct("<IIB")  # seq0, t0, count after the node id (docs/wire-format.md)
 _COMPACT_MAGIC = bytes([MAGIC_COMPACT])
