@@ -354,6 +354,8 @@ class MirrorSink:
         pend.seqs.extend(map(_SEQ, rows))
 
     def _take_raw(self, route: _Route, runs: "tuple[RawReadings, ...]", buf: dict[tuple[Any, ...], "_Pending"]) -> int:
+        if len(runs) == 1:
+            return self._take_raw_run(route, runs[0], buf)
         return sum(self._take_raw_run(route, raw, buf) for raw in runs)
 
     def _take_raw_run(self, route: _Route, raw: "RawReadings", buf: dict[tuple[Any, ...], "_Pending"]) -> int:
