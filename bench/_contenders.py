@@ -9,7 +9,8 @@
          durability. Not what the issue calls naive; measured so the gateway's figure has a hard rival.
 
 Run as: python -m bench._contenders {bare|naive|tuned} PORT CITY EXPECTED_MSGS [INFLUX_URL DB]
-Prints "done <first_msg_time> <last_msg_time> <count>" when EXPECTED_MSGS messages arrived.
+Prints "done <first_msg_time> <last_msg_time> <count> <cpu_s>" when EXPECTED_MSGS messages arrived
+(and, for the bridges, were written).
 """
 
 from __future__ import annotations
@@ -90,9 +91,10 @@ def main() -> None:
     c.connect("127.0.0.1", port)
     c.loop_start()
     subscribed.wait(10)
+    cpu0 = time.process_time()
     print("ready", flush=True)
     done.wait()
-    print(f"done {state['first']} {state['last']} {state['n']}", flush=True)
+    print(f"done {state['first']} {state['last']} {state['n']} {time.process_time() - cpu0}", flush=True)
     c.loop_stop()
 
 

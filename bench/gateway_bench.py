@@ -100,25 +100,30 @@ def throughput(kind: str, per_msg: int, msgs_per_node: int, broker: Mosquitto, i
     else:
         procs = start_contender(kind, broker, influx, db, len(payloads[0]))
     load = LoadGenerator(broker.port, payloads, tag=f"{kind}{per_msg}")
+    assert influx.proc is not None
+    influx_cpu0 = cpu_seconds(influx.proc.pid)
     t0 = load.start()
     pub_span = load.join()
     if kind == "bare":
-        ends = []
-        for p in procs:
-            assert p.stdout is not None
-            line = p.stdout.readline().split()
-            ends.append(float(line[2]))
-            p.wait(10)
-        t_end = max(ends)
+        t_end = 0.0
     else:
         # The last message of every node carries the newest timestamps: a cheap window to poll.
         t_end = wait_points(influx, db, n_readings,
                             tail=(t_base + (msgs_per_node - 1) * per_msg, 2 * nodes_per_city * per_msg))
+    contender_cpu = 0.0
+    for p in procs:
+        assert p.stdout is not None
+        done = p.stdout.readline().split()  # "done first last count cpu_s"
+        contender_cpu += float(done[4])
+        if kind == "bare":
+            t_end = max(t_end, float(done[2]))
     out = {"readings": n_readings, "messages": n_msgs, "seconds": t_end - t0,
            "readings_per_s": n_readings / (t_end - t0), "msgs_per_s": n_msgs / (t_end - t0),
-           "publish_s": pub_span[1] - pub_span[0]}
+           "publish_s": pub_span[1] - pub_span[0], "influxd_cpu_s": cpu_seconds(influx.proc.pid) - influx_cpu0,
+           "cpu_s": contender_cpu}
     if gws:
-        out["gateway_cpu_s"] = sum(cpu_seconds(g.proc.pid) for g in gws if g.proc) - cpu0
+        out["cpu_s"] = sum(cpu_seconds(g.proc.pid) for g in gws if g.proc) - cpu0
+        out["gateway_cpu_s"] = out["cpu_s"]
         out["gateway_rss_mb"] = max(rss_mb(g.proc.pid)[1] for g in gws if g.proc)
         for g in gws:
             g.stop()
@@ -339,8 +344,8 @@ def main() -> None:
                         runs[kind].append(r["readings_per_s"])
                         print(f"{label:26s} {kind:8s} {r['readings']:>9,d} readings in {r['seconds']:6.2f} s = "
                               f"{r['readings_per_s']:>10,.0f} readings/s ({r['msgs_per_s']:,.0f} msg/s, publishers done in {r['publish_s']:.2f} s)"
-                              + (f"  gateway CPU {r['gateway_cpu_s']:.1f} s, peak RSS {r['gateway_rss_mb']:.0f} MB"
-                                 if kind == "gateway" else ""), flush=True)
+                              f"  CPU: {kind} {r['cpu_s']:.2f} s, influxd {r['influxd_cpu_s']:.2f} s"
+                              + (f", peak RSS {r['gateway_rss_mb']:.0f} MB" if kind == "gateway" else ""), flush=True)
                     g, n, t, b = (statistics.median(runs[k]) for k in ("gateway", "naive", "tuned", "bare"))
                     if args.repeat > 1:
                         print(f"{label:26s} medians of {args.repeat} alternating runs: gateway {g:,.0f}, naive {n:,.0f}, "

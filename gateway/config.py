@@ -68,6 +68,8 @@ class InfluxConfig(_Strict):
     token: SecretStr = SecretStr("")
     batch_points: int = Field(default=5000, ge=1, le=100_000)
     flush_interval_s: float = Field(default=0.1, gt=0, le=60, description="longest wait for a fuller batch")
+    flush_when_idle: bool = Field(default=True, description="write as soon as no reading arrived for 5 ms "
+                                  "instead of always waiting out flush_interval_s")
     timeout_s: float = Field(default=10.0, gt=0, le=300)
     gzip: bool | Literal["auto"] = Field(
         default="auto", description="auto: gzip unless InfluxDB is on a loopback address, where compressing only "

@@ -34,7 +34,7 @@ from gateway.topics import Topic, TopicError, parse_topic
 
 log = logging.getLogger("twinedge.gateway")
 
-_THREAD_SYNC_BYTES = 64 * 1024  # unsynced bytes from which the fdatasync goes to a worker thread
+_THREAD_SYNC_BYTES = 256 * 1024  # unsynced bytes from which the fdatasync goes to a worker thread
 
 
 class Sink(Protocol):

@@ -173,3 +173,15 @@ def test_v2_write_api_with_token_to_a_real_v2_server(mosquitto: Mosquitto, start
         assert series["timestamps"][0] == (now - 60) * 1000
     finally:
         vm.stop()
+
+
+def test_a_burst_is_written_when_it_ends_not_when_the_flush_interval_does(mosquitto: Mosquitto, influxd: Influxd,
+                                                                          start_gateway) -> None:
+    gw = start_gateway(influx={"flush_interval_s": 60.0, "batch_points": 100000})  # only the idle rule can flush
+    pub = Publisher(mosquitto.port)
+    buoy = Node("copenhagen", "marine", "buoy-01")
+    pub.publish(buoy.topic, buoy.batch(10, int(time.time()) - 600))
+    pub.wait_all()
+    # Well inside the 60 s interval: written because the flow paused (5 ms), not because the interval ran out.
+    wait_until(lambda: counts_by_node(influxd, "marine", "ph").get("buoy-01") == 10, 30, "points in InfluxDB")
+    assert gw.stop(timeout=30) == 0

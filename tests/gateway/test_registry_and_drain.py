@@ -50,7 +50,7 @@ def test_unknown_node_dead_lettered_and_site_tagged(mosquitto: Mosquitto, influx
 
 def test_sigterm_drains_acknowledged_readings_to_influxdb(mosquitto: Mosquitto, influxd: Influxd,
                                                           start_gateway) -> None:
-    gw = start_gateway(influx={"flush_interval_s": 60.0, "batch_points": 100000})  # hold writes back
+    gw = start_gateway(influx={"flush_interval_s": 60.0, "batch_points": 100000, "flush_when_idle": False})  # hold writes back
     pub = Publisher(mosquitto.port)
     now = int(time.time())
     nodes = [Node("copenhagen", "marine", f"buoy-{i}") for i in range(5)]
