@@ -1297,11 +1297,32 @@ class Receiver:
             raise WireError("format", "manifest has no batch id")
         pts = decode_body(body)
         check_manifest(manifest, pts)
+        # What holds for a series (measurement + tags) is checked once per series, and each (field, value)
+        # once per batch: the per-point checks took 40 % of the receiving gateway's CPU (py-spy, bench).
+        series: dict[tuple[Any, ...], tuple[ShareRule, dict[str, Any]]] = {}
+        held: set[tuple[str, type, Any]] = set()
         for p in pts:
-            self._check_point(p, origin)
+            sk = (p.m, tuple(p.tags.items()))
+            got = series.get(sk)
+            if got is None:
+                got = series[sk] = self._check_series(p, origin)
+            rule, allowed = got
+            for k, v in p.fields.items():
+                hk = (k, type(v), v)  # the type too: True == 1 == 1.0 as keys, not for the rules
+                if hk in held:
+                    continue
+                fr = allowed.get(k)
+                if fr is None:
+                    raise WireError("policy", f"{p.m}: field {k!r} is not shared by the policy")
+                if not fr.holds(v):
+                    raise WireError("policy", f"{p.m}: field {k}={v!r} is finer than the policy allows")
+                held.add(hk)
+            if rule.aggregate_minutes and p.t % (rule.aggregate_minutes * 60):
+                raise WireError("policy", f"{p.m}: point at {p.t} is not on a {rule.aggregate_minutes}-minute bin")
         return manifest, pts
 
-    def _check_point(self, p: Point, origin: str) -> None:
+    def _check_series(self, p: Point, origin: str) -> tuple[ShareRule, dict[str, Any]]:
+        """The checks that depend only on the point's measurement and tags; (rule, allowed fields)."""
         rule = self.policy.rule(p.m)
         if rule is None:
             raise WireError("policy", f"measurement {p.m!r} is not shared by the policy")
@@ -1314,19 +1335,11 @@ class Receiver:
             raise WireError("policy", f"{p.m}: domain {p.tags['domain']!r} is not shared")
         if not rule.node_ok(p.node):
             raise WireError("policy", f"{p.m}: node {p.node!r} is not shared by the policy")
-        allowed = rule.out_fields()
-        for k, v in p.fields.items():
-            fr = allowed.get(k)
-            if fr is None:
-                raise WireError("policy", f"{p.m}: field {k!r} is not shared by the policy")
-            if not fr.holds(v):
-                raise WireError("policy", f"{p.m}: field {k}={v!r} is finer than the policy allows")
-        if rule.aggregate_minutes and p.t % (rule.aggregate_minutes * 60):
-            raise WireError("policy", f"{p.m}: point at {p.t} is not on a {rule.aggregate_minutes}-minute bin")
         if isinstance(rule.site, int) and p.tags.get("site", "").count("-") >= rule.site:
             raise WireError("policy", f"{p.m}: site {p.tags.get('site')!r} is finer than the policy allows")
         if rule.site == "drop" and "site" in p.tags:
             raise WireError("policy", f"{p.m}: site must not be shared")
+        return rule, rule.out_fields()
 
     # -- reconciliation (answer the partner's request from our InfluxDB) ---------------------
     async def _recon(self, link: MqttLink, session: aiohttp.ClientSession, msg: LinkMessage, origin: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tomli_w
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -376,3 +376,54 @@ def test_compact_payload_way_equals_the_rows_way(batches: list[list[Any]], mode:
         got_pts = decode_body(split_batch(encode_segments({"batch": "e-1"}, [s])[0])[1])
         want_pts = decode_body(split_batch(encode_segments({"batch": "e-1"}, [w])[0])[1])
         assert [(p.t, p.seq, p.fields) for p in got_pts] == [(p.t, p.seq, p.fields) for p in want_pts]
+
+
+def _policy_ok(policy: Any, pts: list[Point], origin: str) -> bool:
+    """Oracle: every point within the policy, checked point by point (what the receiver must decide)."""
+    for p in pts:
+        rule = policy.rule(p.m)
+        if rule is None or set(p.tags) - {"city", "domain", "node", "site"} or p.tags.get("city") != origin:
+            return False
+        if (p.tags.get("domain") and p.tags["domain"] not in rule.domains) or not rule.node_ok(p.node):
+            return False
+        allowed = rule.out_fields()
+        if any(k not in allowed or not allowed[k].holds(v) for k, v in p.fields.items()):
+            return False
+        if rule.aggregate_minutes and p.t % (rule.aggregate_minutes * 60):
+            return False
+        if isinstance(rule.site, int) and p.tags.get("site", "").count("-") >= rule.site:
+            return False
+        if rule.site == "drop" and "site" in p.tags:
+            return False
+    return True
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["buoy-1", "buoy-2", "test-3"]), st.sampled_from(["harbour", "harbour-north", None]),
+                          st.integers(0, 50), st.dictionaries(st.sampled_from(["ph", "water_temp_c", "battery_v"]),
+                                                              st.sampled_from([7.0, 7.25, 7.123, 8, True, 15.05, 15.1]),
+                                                              min_size=1)), min_size=1, max_size=30))
+@example([("buoy-1", "harbour", 0, {"ph": 7.25}), ("buoy-1", "harbour", 1, {"water_temp_c": 7.25})])  # 7.25: ph yes, temp no
+@example([("buoy-1", "harbour", 0, {"ph": 7.0}), ("test-3", "harbour", 1, {"ph": 7.0})])  # excluded node, same values
+@example([("buoy-1", "harbour", 0, {"ph": 7.0}), ("buoy-2", "harbour-north", 1, {"ph": 7.0})])  # site too fine
+def test_receiver_policy_check_equals_point_by_point(rows: list[tuple[str, str | None, int, dict[str, Any]]]) -> None:
+    """The receiver checks each series once and each (field, value) once per batch: same verdict as
+    checking every point (forbidden field, too many decimals, excluded node, too fine a site)."""
+    from gateway.mirror import Receiver
+    policy = load_policy(BLUE)
+    rx = Receiver.__new__(Receiver)
+    rx.city, rx.policy = "tongyeong", policy
+    rx.cfg = type("Cfg", (), {"partner": "copenhagen"})()
+    pts = [Point("marine", {"city": "copenhagen", "domain": "marine", "node": n} | ({"site": site} if site else {}),
+                 7200 + t, f, t + 1) for n, site, t, f in rows]
+    pts = list({(p.node, p.t): p for p in pts}.values())  # one point per node and time, as a batch holds
+    msg, _ = encode_batch({"origin": "copenhagen", "dest": "tongyeong", "policy": policy.policy,
+                           "policy_version": policy.version, "batch": "e-1"}, pts)
+    want = _policy_ok(policy, decode_body(split_batch(msg)[1]), "copenhagen")
+    try:
+        rx.validate("copenhagen", msg)
+        got = True
+    except WireError as e:
+        assert e.reason == "policy", e
+        got = False
+    assert got == want
