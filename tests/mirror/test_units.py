@@ -427,3 +427,20 @@ def test_receiver_policy_check_equals_point_by_point(rows: list[tuple[str, str |
         assert e.reason == "policy", e
         got = False
     assert got == want
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.integers(7200, 10800), st.one_of(
+    st.fixed_dictionaries({"ph": st.floats(0, 14, allow_nan=False).map(lambda v: round(v, 2)),
+                           "water_temp_c": st.floats(-5, 40, allow_nan=False).map(lambda v: round(v, 1))}),
+    st.fixed_dictionaries({"ph": st.integers(0, 14), "water_temp_c": st.floats(-5, 40, allow_nan=False)}),
+    st.dictionaries(st.sampled_from(["ph", "water_temp_c", "x"]), values)), min_size=1, max_size=20))
+def test_digest_points_fast_way_equals_value_by_value(points: dict[int, dict[str, Any]]) -> None:
+    """digest_points() takes vectorised columns when it can; the digest is the one of canon_columns()."""
+    from gateway.mirror_wire import KeyDigest
+    spec = (("ph", 2), ("water_temp_c", 1))
+    ts = sorted(points)
+    canon, others = canon_columns(spec, [points[t] for t in ts])
+    ref = KeyDigest(len(spec))
+    ref.feed(ts, canon, others)
+    assert digest_points(points, spec) == ref.result()
