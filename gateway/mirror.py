@@ -381,13 +381,14 @@ class MirrorSink:
             pend.raw.append(payload[head:end])
             pend.raw_t0.append(t0)
             pend.raw_n.append(n)
+            pend.raw_seq0.append(seq0)  # (sequence numbers too are made at flush: usually one range)
         else:  # float columns already (a record came without its payload): decoded into them now
             assert pend.flat is not None
             ts, cols = layout.columns(payload[head:end], [t0], [n])
             pend.ts.frombytes(ts.tobytes())
             for arr, col in zip(pend.flat, cols):
                 arr.frombytes(col.tobytes())
-        pend.seqs.extend(range(seq0, seq0 + n))
+            pend.seqs.extend(range(seq0, seq0 + n))
         return n
 
     def _raw_checked(self, route: "_Route", raw: tuple[bytes, int, int, int, int, int],
@@ -658,7 +659,7 @@ class _Pending:
     (`raw`, while every record came with its payload's place), else (while every shared value is a float)
     the shared values column by column (`flat`), else references to the rows (`recs`)."""
 
-    __slots__ = ("route", "hour", "ts", "seqs", "recs", "flat", "raw", "raw_t0", "raw_n", "last_t", "ordered")
+    __slots__ = ("route", "hour", "ts", "seqs", "recs", "flat", "raw", "raw_t0", "raw_n", "raw_seq0", "last_t", "ordered")
 
     def __init__(self, route: _Route, hour: int) -> None:
         self.route = route
@@ -671,6 +672,7 @@ class _Pending:
         self.raw: list[bytes] | None = [] if route.plan.raw is not None else None
         self.raw_t0: list[int] = []
         self.raw_n: list[int] = []
+        self.raw_seq0: list[int] = []
         self.last_t = -(2**63)
         self.ordered = True
 
@@ -684,8 +686,17 @@ class _Pending:
             assert layout is not None and self.flat is not None and not self.ts
             ts, cols = layout.columns(b"".join(raw), self.raw_t0, self.raw_n)
             self.ts.frombytes(ts.tobytes())
+            assert not self.seqs
+            self.seqs = list(self.raw_seqs())
             for arr, col in zip(self.flat, cols):
                 arr.frombytes(col.tobytes())
+
+    def raw_seqs(self) -> Sequence[int]:
+        """Sequence numbers of the raw runs: one range when they follow each other (the usual case)."""
+        q0, ns = self.raw_seq0, self.raw_n
+        if all(a + n == b for a, n, b in zip(q0, ns, q0[1:])):
+            return range(q0[0], q0[0] + sum(ns)) if q0 else range(0)
+        return list(chain.from_iterable(range(a, a + n) for a, n in zip(q0, ns)))
 
     def unflatten(self) -> None:
         """Switch to keeping rows: the points so far become rows of their (shared) float values."""
@@ -769,6 +780,7 @@ class Plan:
                 rest.append(p)
         cols: list[Any] = []
         times: list[list[int]] = []  # per pending series, in the order of `flat` below
+        seqs: list[Sequence[Any]] = []
         if raw:
             assert self.raw is not None
             ts_all, cols = self.raw.columns(b"".join(sections), t0s, ns)
@@ -776,11 +788,13 @@ class Plan:
             for p in raw:
                 b = a + sum(p.raw_n)
                 times.append(ts_all[a:b].tolist())
+                seqs.append(p.raw_seqs())
                 a = b
         if flat:
             fcols = [np.frombuffer(b"".join(b), dtype=np.float64) for b in bufs]
             cols = [np.concatenate((a, b)) for a, b in zip(cols, fcols)] if cols else fcols
             times += [p.ts.tolist() for p in flat]
+            seqs += [p.seqs for p in flat]
         flat = raw + flat
         if flat:
             fast = float_columns(self.spec, cols)
@@ -789,11 +803,11 @@ class Plan:
             else:
                 kinds, wire, canon = fast
                 a = 0
-                for p, ts in zip(flat, times):
+                for p, ts, qs in zip(flat, times, seqs):
                     b = a + len(ts)
                     w = [c[a:b] for c in wire]
                     cn = [w[i] if c is wire[i] else c[a:b] for i, c in enumerate(canon)]
-                    out.append(Segment(p.route.series[0], p.route.tags, p.hour, self.names, ts, p.seqs, kinds, w,
+                    out.append(Segment(p.route.series[0], p.route.tags, p.hour, self.names, ts, qs, kinds, w,
                                        None, cn, [], p.ordered and strictly_increasing(ts), p.route.head))
                     a = b
         for p in rest:

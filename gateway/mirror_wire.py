@@ -100,7 +100,7 @@ class Segment:
     hour: int
     names: list[str]
     ts: list[int]
-    seqs: list[int | None]
+    seqs: Sequence[int | None]   # a list, or a range (the sender's usual consecutive numbers)
     kinds: list[str] | None      # binary columns: kind per field ("i", "d", "fN"); None = JSON rows
     cols: list[Any] | None       # binary columns (wire; numpy, little-endian), one per field
     rows: list[str] | None       # JSON rows, e.g. "[7.99,null]", when the columns cannot hold the points
@@ -143,8 +143,10 @@ def seq_ranges(seqs: list[int]) -> list[list[int]]:
     return out
 
 
-def _fast_ranges(seqs: list[Any]) -> list[list[int]]:
+def _fast_ranges(seqs: Sequence[Any]) -> list[list[int]]:
     """seq_ranges() of the non-null seqs, with a fast path for one consecutive run."""
+    if isinstance(seqs, range) and seqs.step == 1:
+        return [[seqs.start, seqs[-1]]] if seqs else []
     if seqs and type(seqs[0]) is int and type(seqs[-1]) is int:
         a = seqs[0]
         if seqs[-1] - a == len(seqs) - 1 and seqs == list(range(a, a + len(seqs))):
@@ -423,8 +425,10 @@ def _dump(x: Any) -> str:
     return json.dumps(x, separators=(",", ":"))
 
 
-def _progression(xs: list[Any]) -> tuple[int, int] | None:
+def _progression(xs: Sequence[Any]) -> tuple[int, int] | None:
     """(first, step) when xs is first, first+step, ... with an integer step >= 1 (regular sampling)."""
+    if isinstance(xs, range):
+        return (xs.start, xs.step) if len(xs) >= 2 and xs.step >= 1 else None
     if len(xs) < 2 or type(xs[0]) is not int or type(xs[1]) is not int:
         return None
     a, step = xs[0], xs[1] - xs[0]
@@ -451,7 +455,7 @@ def encode_body(segments: list[Segment]) -> bytes:
         elif s.seqs and None not in s.seqs:
             q = '"q":' + _dump(_deltas(s.seqs))  # type: ignore[arg-type]
         else:
-            q = '"qa":' + _dump(s.seqs)
+            q = '"qa":' + _dump(list(s.seqs))
         if s.cols is not None and s.kinds is not None:
             kj = kinds_json.get(id(s.kinds))
             if kj is None:

@@ -371,10 +371,13 @@ def test_compact_payload_way_equals_the_rows_way(batches: list[list[Any]], mode:
     assert segs.keys() == want.keys()
     for k, s in segs.items():
         w = want[k]
-        assert (s.ts, s.seqs, s.ordered, s.kinds, s.names) == (w.ts, w.seqs, w.ordered, w.kinds, w.names)
+        assert (s.ts, list(s.seqs), s.ordered, s.kinds, s.names) == (w.ts, list(w.seqs), w.ordered, w.kinds, w.names)
         assert [np.ascontiguousarray(c).tobytes() for c in s.canon] == [np.ascontiguousarray(c).tobytes() for c in w.canon]
-        got_pts = decode_body(split_batch(encode_segments({"batch": "e-1"}, [s])[0])[1])
-        want_pts = decode_body(split_batch(encode_segments({"batch": "e-1"}, [w])[0])[1])
+        got_msg, got_manifest = encode_segments({"batch": "e-1"}, [s])
+        want_msg, want_manifest = encode_segments({"batch": "e-1"}, [w])
+        assert got_manifest["entries"] == want_manifest["entries"]  # sequence ranges, counts, times
+        got_pts, want_pts = decode_body(split_batch(got_msg)[1]), decode_body(split_batch(want_msg)[1])
+        check_manifest(got_manifest, got_pts)
         assert [(p.t, p.seq, p.fields) for p in got_pts] == [(p.t, p.seq, p.fields) for p in want_pts]
 
 
