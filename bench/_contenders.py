@@ -22,6 +22,7 @@ import time
 import urllib.parse
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway import records
 from gateway.decode import Rejected, decode_up
@@ -38,13 +39,14 @@ def main() -> None:
     conn = None
     client = None
     u = urllib.parse.urlparse(influx)
+    host, http_port = u.hostname or "127.0.0.1", u.port or 8086
+    path = f"/write?db={db}&precision=s"
     if kind == "tuned":
-        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
-        path = f"/write?db={db}&precision=s"
+        conn = http.client.HTTPConnection(host, http_port, timeout=30)
     elif kind == "naive":
         from influxdb import InfluxDBClient
 
-        client = InfluxDBClient(u.hostname, u.port, database=db, timeout=30)
+        client = InfluxDBClient(host, http_port, database=db, timeout=30)
 
     def flush() -> None:
         if buf and conn is not None:
@@ -64,7 +66,7 @@ def main() -> None:
         state["last"] = now
         if kind in ("naive", "tuned"):
             try:
-                dec = decode_up(msg.topic, msg.payload, int(now))
+                dec = decode_up(msg.topic, bytes(msg.payload), int(now))
             except Rejected:
                 return
             if kind == "tuned":
@@ -83,11 +85,15 @@ def main() -> None:
             flush()
             done.set()
 
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{kind}-{city}", protocol=mqtt.MQTTv311)
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{kind}-{city}", protocol=mqtt.MQTTv311)
     c.on_message = on_message
     subscribed = threading.Event()
     c.on_subscribe = lambda *a: subscribed.set()
-    c.on_connect = lambda cl, *a: cl.subscribe(f"twin/{city}/+/+/up", qos=1)
+
+    def on_connect(cl: mqtt.Client, *_a: object) -> None:
+        cl.subscribe(f"twin/{city}/+/+/up", qos=1)
+
+    c.on_connect = on_connect
     c.connect("127.0.0.1", port)
     c.loop_start()
     subscribed.wait(10)

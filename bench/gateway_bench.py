@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from paho.mqtt.enums import CallbackAPIVersion
+
 from bench._common import LoadGenerator, build_payloads, cpu_seconds, node_ids, rss_mb
 from twinedge.gatewayproc import GatewayProcess
 from twinedge.services import Influxd, Mosquitto
@@ -64,6 +66,24 @@ def wait_points(influx: Influxd, db: str, n: int, timeout: float = 900, interval
     raise RuntimeError(f"only {count_points(influx, db)} of {n} points in {db} after {timeout} s")
 
 
+def retire(gws: list[GatewayProcess], broker: Mosquitto) -> None:
+    """Stop the gateways and end their persistent sessions: the broker would otherwise queue every later
+    run's messages for them (max_queued_messages 0) and grow slower run after run (seen: 1.5 GB RSS)."""
+    import paho.mqtt.client as mqtt
+
+    for g in gws:
+        g.stop()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"twinedge-gw-{g.city}-{g.instance}",
+                        clean_session=True, protocol=mqtt.MQTTv311)
+        c.connect("127.0.0.1", broker.port)
+        c.loop_start()
+        deadline = time.time() + 10
+        while not c.is_connected() and time.time() < deadline:
+            time.sleep(0.01)
+        c.disconnect()
+        c.loop_stop()
+
+
 def start_gateways(work: Path, broker: Mosquitto, influx: Influxd, db: str, **extra: object) -> list[GatewayProcess]:
     gws = []
     for city in CITIES:
@@ -93,6 +113,7 @@ def throughput(kind: str, per_msg: int, msgs_per_node: int, broker: Mosquitto, i
     n_msgs = sum(len(p) for p in payloads)
     n_readings = n_msgs * per_msg
     gws: list[GatewayProcess] = []
+    cpu0 = 0.0
     procs: list[subprocess.Popen[str]] = []
     if kind == "gateway":
         gws = start_gateways(work, broker, influx, db)
@@ -125,8 +146,7 @@ def throughput(kind: str, per_msg: int, msgs_per_node: int, broker: Mosquitto, i
         out["cpu_s"] = sum(cpu_seconds(g.proc.pid) for g in gws if g.proc) - cpu0
         out["gateway_cpu_s"] = out["cpu_s"]
         out["gateway_rss_mb"] = max(rss_mb(g.proc.pid)[1] for g in gws if g.proc)
-        for g in gws:
-            g.stop()
+        retire(gws, broker)
     for p in procs:
         p.kill()
     influx.query(f'DROP DATABASE "{db}"', method="POST")
@@ -147,7 +167,7 @@ def latency_and_outage(broker: Mosquitto, influx: Influxd, work: Path, rate: int
     per_msg = 10
     probes = [f"probe-{i:02d}" for i in range(20)]
     bg_nodes = node_ids(CITIES[0], 90) + node_ids(CITIES[1], 90)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-steady")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-steady")
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
     client.connect("127.0.0.1", broker.port)
@@ -247,8 +267,7 @@ def latency_and_outage(broker: Mosquitto, influx: Influxd, work: Path, rate: int
                 "catch_up_rate": (outage_readings + rate * drain) / drain if drain > 0 else float("inf")})
     out["catch_up_ratio"] = out["catch_up_rate"] / rate
     client.loop_stop()
-    for g in gws:
-        g.stop()
+    retire(gws, broker)
     influx.query(f'DROP DATABASE "{db}"', method="POST")
     return out
 
@@ -283,7 +302,7 @@ def backlog_rss(broker: Mosquitto, influx: Influxd, work: Path, n_readings: int)
     t_end = wait_points(influx, db, total, timeout=1200, interval=0.5)
     assert gw.proc is not None
     drain_rss = rss_mb(gw.proc.pid)[1]
-    gw.stop()
+    retire([gw], broker)
     influx.query(f'DROP DATABASE "{db}"', method="POST")
     return {"backlog_readings": total, "rss_mb": rss_now, "rss_peak_mb": rss_peak, "log_mb": log_bytes / 1e6,
             "drain_s": t_end - t0, "drain_rate": total / (t_end - t0), "drain_rss_peak_mb": drain_rss}
@@ -310,8 +329,7 @@ def scaleout(broker: Mosquitto, influx: Influxd, work: Path, msgs_per_node: int)
         cpu = [cpu_seconds(g.proc.pid) - c for g, c in zip(gws, cpu0) if g.proc]
         out[f"{instances}_instances_readings_per_s"] = n / (t1 - t0)
         out[f"{instances}_instances_cpu_us_per_reading"] = sum(cpu) / n * 1e6
-        for g in gws:
-            g.stop()
+        retire(gws, broker)
         influx.query(f'DROP DATABASE "{db}"', method="POST")
     return out
 
