@@ -122,7 +122,8 @@ def throughput(kind: str, per_msg: int, msgs_per_node: int, broker: Mosquitto, i
         procs = start_contender(kind, broker, influx, db, len(payloads[0]))
     load = LoadGenerator(broker.port, payloads, tag=f"{kind}{per_msg}")
     assert influx.proc is not None
-    influx_cpu0 = cpu_seconds(influx.proc.pid)
+    assert broker.proc is not None
+    influx_cpu0, broker_cpu0 = cpu_seconds(influx.proc.pid), cpu_seconds(broker.proc.pid)
     t0 = load.start()
     pub_span = load.join()
     if kind == "bare":
@@ -141,6 +142,7 @@ def throughput(kind: str, per_msg: int, msgs_per_node: int, broker: Mosquitto, i
     out = {"readings": n_readings, "messages": n_msgs, "seconds": t_end - t0,
            "readings_per_s": n_readings / (t_end - t0), "msgs_per_s": n_msgs / (t_end - t0),
            "publish_s": pub_span[1] - pub_span[0], "influxd_cpu_s": cpu_seconds(influx.proc.pid) - influx_cpu0,
+           "broker_cpu_s": cpu_seconds(broker.proc.pid) - broker_cpu0,
            "cpu_s": contender_cpu}
     if gws:
         out["cpu_s"] = sum(cpu_seconds(g.proc.pid) for g in gws if g.proc) - cpu0
@@ -362,7 +364,7 @@ def main() -> None:
                         runs[kind].append(r["readings_per_s"])
                         print(f"{label:26s} {kind:8s} {r['readings']:>9,d} readings in {r['seconds']:6.2f} s = "
                               f"{r['readings_per_s']:>10,.0f} readings/s ({r['msgs_per_s']:,.0f} msg/s, publishers done in {r['publish_s']:.2f} s)"
-                              f"  CPU: {kind} {r['cpu_s']:.2f} s, influxd {r['influxd_cpu_s']:.2f} s"
+                              f"  CPU: {kind} {r['cpu_s']:.2f} s, influxd {r['influxd_cpu_s']:.2f} s, broker {r['broker_cpu_s']:.2f} s"
                               + (f", peak RSS {r['gateway_rss_mb']:.0f} MB" if kind == "gateway" else ""), flush=True)
                     g, n, t, b = (statistics.median(runs[k]) for k in ("gateway", "naive", "tuned", "bare"))
                     if args.repeat > 1:
