@@ -89,3 +89,23 @@ class SequenceTracker:
     def duplicate(self, node: str) -> None:
         st = self.nodes.setdefault(node, NodeSeq())
         st.duplicates += 1
+
+    # -- persistence: a snapshot in the data dir plus a replay of the log written after it -------
+    def snapshot(self) -> dict[str, dict[str, int | str]]:
+        return {node: {"hi": st.hi, "seen": f"{st.seen:x}", "received": st.received, "duplicates": st.duplicates,
+                       "gaps": st.gaps, "resets": st.resets, "last_seen": st.last_seen}
+                for node, st in self.nodes.items()}
+
+    def restore(self, snap: dict[str, dict[str, int | str]]) -> None:
+        """Load a snapshot; raises ValueError/TypeError/KeyError on a malformed one (the caller starts afresh)."""
+        nodes = {}
+        for node, d in snap.items():
+            nodes[str(node)] = NodeSeq(hi=int(d["hi"]), seen=int(str(d["seen"]), 16), received=int(d["received"]),
+                                       duplicates=int(d["duplicates"]), gaps=int(d["gaps"]), resets=int(d["resets"]),
+                                       last_seen=int(d["last_seen"]))
+        self.nodes = nodes
+
+    def replay(self, node: str, seq: int, t: int) -> None:
+        """A reading found in the durable log after the snapshot: record it unless already known."""
+        if self.is_new(node, seq):
+            self.commit(node, seq, t)

@@ -13,11 +13,14 @@ import asyncio
 import collections
 import gc
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
 from collections.abc import Awaitable
 from typing import Any, Protocol
+
+import orjson
 
 from gateway import records
 from gateway.config import GatewayConfig
@@ -85,6 +88,8 @@ class Gateway:
         self.log = DurableLog(cfg.data_dir / "log", cfg.log.max_bytes, cfg.log.segment_bytes, cfg.log.fsync)
         self.dead = DeadLetterStore(cfg.data_dir / "dead_letters.sqlite3")
         self.seq = SequenceTracker()
+        self._seq_path = cfg.data_dir / "sequence.json"
+        self._load_sequence()
         self.alarms = AlarmTracker(cfg.city, cfg.alarm_bands())
         self.node_domain: dict[str, str] = {}
         self._line_prefixes: dict[tuple[str, ...], str] = {}  # per node: measurement and tags, escaped
@@ -294,6 +299,48 @@ class Gateway:
             self._ingest_finished = True
             self._written.set()
 
+    # -- sequence state across restarts ------------------------------------------------
+    def _save_sequence(self) -> None:
+        """Snapshot the per-node sequence state with the log offset it covers (write, fsync, rename)."""
+        tmp = self._seq_path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(orjson.dumps({"log_offset": self.log.durable_end, "nodes": self.seq.snapshot()}))
+            f.flush()
+            if self.cfg.log.fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, self._seq_path)
+
+    def _load_sequence(self) -> None:
+        """Snapshot, then the readings the log holds after it: gaps and duplicates stay right across a
+        restart or a crash (a redelivered message the log already holds counts as a duplicate)."""
+        try:
+            snap = orjson.loads(self._seq_path.read_bytes())
+            self.seq.restore(snap["nodes"])
+            offset = int(snap["log_offset"])
+        except FileNotFoundError:
+            offset = self.log.start
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            log.warning("sequence state unreadable, counting gaps afresh", extra={"file": str(self._seq_path),
+                                                                                  "error": str(e)[:200]})
+            self.seq = SequenceTracker()
+            offset = self.log.start
+        if offset < self.log.start:
+            log.warning("sequence state is older than the durable log; gap counts may include readings "
+                        "received before the last stop", extra={"snapshot_offset": offset, "log_start": self.log.start})
+        replayed = 0
+        while batch := self.log.read(max(offset, self.log.start)):
+            for offset, blob in batch:
+                rec = records.decode(blob)
+                node = rec.get("tags", {}).get("node")
+                if rec.get("m") not in ("marine", "mobility") or not node:
+                    continue
+                for row in rec["rows"]:
+                    if row[2] is not None:
+                        self.seq.replay(node, row[2], row[0])
+                        replayed += 1
+        if replayed:
+            log.info("sequence state brought up to date from the durable log", extra={"readings": replayed})
+
     # -- stage: stats -----------------------------------------------------------------
     def _stats_records(self) -> list[dict[str, Any]]:
         now = time.time()
@@ -338,6 +385,7 @@ class Gateway:
                 return
             except asyncio.TimeoutError:
                 pass
+            self._save_sequence()
             if self.log.has_room(1024 * 1024):
                 self.log.append([records.encode(r) for r in self._stats_records()])
                 assert self.appended is not None
@@ -429,6 +477,7 @@ class Gateway:
         await asyncio.gather(*sink_tasks, return_exceptions=True)
         if runner is not None:
             await runner.cleanup()
+        self._save_sequence()
         self.dead.close()
         self.log.close()
         for t in failed:

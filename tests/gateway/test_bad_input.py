@@ -286,3 +286,15 @@ def test_generated_complete_row_decoder_agrees_with_the_general_loop(data: st.Da
     assert [[type(v) for v in r.values.values()] for r in fast.readings] == \
         [[type(v) for v in r.values.values()] for r in general.readings]
     assert [(r.index, r.reason, r.detail) for r in fast.rejected] == [(r.index, r.reason, r.detail) for r in general.rejected]
+
+
+def test_a_damaged_sequence_snapshot_is_set_aside_not_fatal(tmp_path: Path) -> None:
+    from gateway.config import GatewayConfig
+    from gateway.service import Gateway
+
+    for bad in (b"{not json", b'{"log_offset": 0, "nodes": {"b1": {"hi": "x"}}}', b"[]"):
+        (tmp_path / "sequence.json").write_bytes(bad)
+        gw = Gateway(GatewayConfig(city="copenhagen", data_dir=tmp_path))
+        assert gw.seq.nodes == {}  # counting afresh, with a warning in the log
+        gw.log.close()
+        gw.dead.close()

@@ -185,3 +185,33 @@ def test_a_burst_is_written_when_it_ends_not_when_the_flush_interval_does(mosqui
     # Well inside the 60 s interval: written because the flow paused (5 ms), not because the interval ran out.
     wait_until(lambda: counts_by_node(influxd, "marine", "ph").get("buoy-01") == 10, 30, "points in InfluxDB")
     assert gw.stop(timeout=30) == 0
+
+
+def test_gaps_and_duplicates_stay_counted_across_a_restart_and_a_crash(mosquitto: Mosquitto, influxd: Influxd,
+                                                                       start_gateway) -> None:
+    """The sequence state survives SIGTERM (snapshot) and SIGKILL (the log's readings after the snapshot)."""
+    gw = start_gateway(stats_interval_s=3600.0)  # no periodic snapshot: the crash case relies on the log alone
+    pub = Publisher(mosquitto.port)
+    now = int(time.time())
+    n = Node("copenhagen", "marine", "buoy-05")
+    first, second, third, fourth = (n.batch(5, now - 300 + 10 * i) for i in range(4))  # seq 1-5, 6-10, 11-15, 16-20
+    accepted = 'twinedge_readings_accepted_total{domain="marine"}'
+    pub.publish(n.topic, first)
+    pub.wait_all()
+    wait_until(lambda: gw.metrics().get(accepted) == 5.0, 20, "first batch durable")
+    gw.kill()  # crash: no snapshot was ever written
+    gw.start()
+    pub.publish(n.topic, first)  # a node resending what the gateway already holds
+    pub.publish(n.topic, third)  # 6-10 never sent: a gap of 5
+    pub.wait_all()
+    wait_until(lambda: gw.metrics().get('twinedge_node_gaps{node="buoy-05"}') == 5.0, 20, "gap after the crash")
+    assert gw.metrics().get('twinedge_node_duplicates{node="buoy-05"}') == 5.0
+    assert gw.stop() == 0  # orderly stop: snapshot
+    gw.start()
+    pub.publish(n.topic, third)
+    pub.publish(n.topic, fourth)
+    pub.wait_all()
+    wait_until(lambda: gw.metrics().get('twinedge_node_duplicates{node="buoy-05"}') == 10.0, 20, "duplicates after restart")
+    assert gw.metrics().get('twinedge_node_gaps{node="buoy-05"}') == 5.0
+    wait_until(lambda: counts_by_node(influxd, "marine", "ph").get("buoy-05") == 15, 30, "15 distinct points")
+    assert gw.stop() == 0
