@@ -2,7 +2,8 @@
 
     MQTT (asyncio reader, gateway/ingest_mqtt.py) --deque, bounded by the broker's receive window-->
     ingest: decode + validate (--> dead-letter) + de-duplicate --> durable log write
-    commit: fdatasync on a worker thread (group commit) --> PUBACK, sinks see the frames
+    commit: one fdatasync per group of batches (inline, or on a worker thread when large) --> PUBACK,
+            and only then do the sinks see the frames
     durable log --own cursor--> InfluxDB sink      (gateway/sink_influx.py)
     durable log --own cursor--> partner mirror sink (when configured)
 """
@@ -106,7 +107,7 @@ class Gateway:
         self.stopping = asyncio.Event()
         self.space_freed = asyncio.Event()
         self.appended: asyncio.Condition | None = None
-        # Written to the log, not yet fdatasync'ed nor acknowledged: (log end after the batch, its messages).
+        # The messages of each batch written to the log but not yet fdatasync'ed nor acknowledged.
         self._unsynced: collections.deque[list[Inbound]] = collections.deque()
         self._written = asyncio.Event()
         self._ingest_finished = False
