@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.schema import FLAG_UNSYNCED, MAGIC, NAME_RE, SCHEMAS_BY_DOMAIN, SCHEMAS_BY_ID, Schema
+from gateway.schema import FLAG_UNSYNCED, HEADER_TAIL, MAGIC, NAME_RE, SCHEMAS_BY_DOMAIN, SCHEMAS_BY_ID, Schema
 from gateway.topics import Topic, TopicError, parse_topic
 
-_HEADER_TAIL = struct.Struct("<IIB")  # seq0, t0, count
 
 
 @dataclass(frozen=True)
@@ -154,7 +152,7 @@ def _decode_compact(t: Topic, payload: bytes, now: int, limits: Limits) -> Decod
     if plan.schema.domain != t.domain:
         raise Rejected("schema", f"schema {plan.schema.domain} sent on a {t.domain} topic")
     nlen = payload[2]
-    head = 3 + nlen + _HEADER_TAIL.size
+    head = 3 + nlen + HEADER_TAIL.size
     if nlen < 1 or nlen > 32:
         raise Rejected("format", f"node id length {nlen} not in 1..32")
     if n < head:
@@ -167,7 +165,7 @@ def _decode_compact(t: Topic, payload: bytes, now: int, limits: Limits) -> Decod
         raise Rejected("format", f"node id {node!r} is not a valid name")
     if node != t.node:
         raise Rejected("identity", f"payload node {node!r} does not match topic node {t.node!r}")
-    seq0, t0, count = _HEADER_TAIL.unpack_from(payload, 3 + nlen)
+    seq0, t0, count = HEADER_TAIL.unpack_from(payload, 3 + nlen)
     rsize = plan.struct.size
     if count < 1:
         raise Rejected("format", "batch holds no readings")
@@ -323,7 +321,7 @@ def encode_compact(schema: Schema, node: str, seq0: int, t0: int, rows: list[tup
     """
     nb = node.encode("ascii")
     st = schema.reading_struct
-    out = bytearray(bytes((MAGIC, schema.schema_id, len(nb))) + nb + _HEADER_TAIL.pack(seq0, t0, len(rows)))
+    out = bytearray(bytes((MAGIC, schema.schema_id, len(nb))) + nb + HEADER_TAIL.pack(seq0, t0, len(rows)))
     for dt, flags, mask, vals in rows:
         out += st.pack(dt, flags, mask, *vals)
     return bytes(out)

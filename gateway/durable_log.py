@@ -4,9 +4,10 @@ Chosen by benchmark over SQLite (bench/log_bench.py): an append of a framed batc
 one fdatasync is cheaper than an SQLite WAL commit of the same rows, reads by sinks are
 sequential preads from the page cache, and freeing space is deleting a whole file.
 
-Group commit: ingest `write()`s a batch and goes on decoding the next while a worker thread
-runs the fdatasync (`sync()`); only then are the batch's messages acknowledged and the
-frames visible to sinks (`read()` stops at `durable_end`). With one fdatasync per small
+Group commit: ingest `write()`s batches and one `sync()` (fdatasync) then covers all of them,
+inline for a small group and on a worker thread for a large one while ingest goes on
+decoding; only then are the messages acknowledged and the frames visible to sinks
+(`read()` stops at `durable_end`). With one fdatasync per small
 batch on the event loop, py-spy found the loop blocked in fdatasync 38 % of the time at one
 reading per message (bench/gateway_bench.py --mode 1).
 

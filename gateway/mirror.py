@@ -49,6 +49,7 @@ from gateway.mirror_policy import POINT_TAGS, Policy, PolicyError, ShareRule, fi
 from gateway.mirror_wire import (DIGEST_VERSION, Point, Segment, Spec, WireError, check_manifest, decode_body,
                                  digest_points, encode_segments, fast_columns, float_columns, make_segment, segment_head,
                                  segments_from_points, split_batch, strictly_increasing)
+from gateway.schema import HEADER_TAIL
 from gateway.schema import MAGIC as MAGIC_COMPACT
 from gateway.schema import NAME_RE, SCHEMAS_BY_DOMAIN, Schema
 from gateway.sink_influx import InfluxWriter, Retryable
@@ -908,7 +909,6 @@ RawReadings = tuple[bytes, int, int, int, int, int, int]
 # RecordFeed entry: (received_at, record or None, route or None, RawReadings or None, log offset after the frame)
 _FeedEntry = tuple[float, dict[str, Any] | None, Any, tuple[RawReadings, ...] | None, int]
 
-_COMPACT_TAIL = struct.Struct("<IIB")  # seq0, t0, count after the node id (docs/wire-format.md)
 _COMPACT_MAGIC = bytes([MAGIC_COMPACT])
 
 
@@ -942,17 +942,17 @@ class RecordFeed:
         index: dict[tuple[bytes, int], tuple[bytes, int, int, int, int, int] | None] = {}
         sink = self.sink
         if sink is not None:
-            unpack = _COMPACT_TAIL.unpack_from
+            unpack = HEADER_TAIL.unpack_from
             for msg in msgs:
                 payload = msg.payload
                 # Only the header is read: ingest has validated the message, and the record must match it below.
-                if payload[:1] == _COMPACT_MAGIC and len(payload) >= 3 + payload[2] + _COMPACT_TAIL.size:
+                if payload[:1] == _COMPACT_MAGIC and len(payload) >= 3 + payload[2] + HEADER_TAIL.size:
                     nlen = payload[2]
                     seq0, t0, n = unpack(payload, 3 + nlen)
                     key = (payload[3 : 3 + nlen], seq0)
                     # Two payloads of one node starting at the same number (a resend): which one ingest
                     # kept is not known here, so neither is used (the sink takes the record's values).
-                    index[key] = None if key in index else (payload, 3 + nlen + _COMPACT_TAIL.size, n, t0, seq0, payload[1])
+                    index[key] = None if key in index else (payload, 3 + nlen + HEADER_TAIL.size, n, t0, seq0, payload[1])
         off = end_offset - sum(len(f) + LOG_FRAME_OVERHEAD for f in frames)
         for f, r in zip(frames, recs):
             start, off = off, off + len(f) + LOG_FRAME_OVERHEAD

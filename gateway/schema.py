@@ -7,6 +7,7 @@ import struct
 from dataclasses import dataclass
 
 MAGIC = 0xE1
+HEADER_TAIL = struct.Struct("<IIB")  # seq0, t0, count: after magic, schema id, node id length and node id
 FLAG_UNSYNCED = 0x01
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 DOMAINS = ("marine", "mobility")
