@@ -212,6 +212,27 @@ def _decode_compact(t: Topic, payload: bytes, now: int, limits: Limits) -> Decod
     return out
 
 
+def accepted_compact_readings(payload: bytes) -> list[Reading]:
+    """The readings of a compact payload that ingest accepted whole, read back from the durable log.
+
+    No identity, time or range checks: they passed when the message arrived, and the clock (backfill
+    horizon) or a later schema must not turn a logged reading into a lost one. Values come out exactly
+    as `decode_up` made them (same plan, same `raw / scale`); tests/gateway/test_log_frames.py holds it.
+    """
+    plan = _PLANS[payload[1]]
+    nlen = payload[2]
+    head = 3 + nlen + HEADER_TAIL.size
+    seq0, t0, count = HEADER_TAIL.unpack_from(payload, 3 + nlen)
+    cols = plan.cols
+    out = []
+    for i, row in enumerate(plan.struct.iter_unpack(memoryview(payload)[head : head + count * plan.struct.size])):
+        mask = row[2]
+        values = {name: row[3 + j] if integer else row[3 + j] / scale
+                  for j, name, scale, integer, _lo, _hi in cols if mask >> j & 1}
+        out.append(Reading(seq0 + i, t0 + row[0], row[1] & FLAG_UNSYNCED, values))
+    return out
+
+
 def _decode_senml(t: Topic, payload: bytes, now: int, limits: Limits) -> Decoded:
     try:
         pack = json.loads(payload)

@@ -38,6 +38,10 @@ from gateway.topics import Topic, TopicError, parse_topic
 
 log = logging.getLogger("twinedge.gateway")
 
+# What ingest logs per accepted message: the record, its line protocol (None: rendered when encoded) and the
+# compact payload the record holds whole (None: the rows go to the log as JSON).
+LogEntry = tuple[dict[str, Any], "str | None", "bytes | None"]
+
 _THREAD_SYNC_BYTES = 256 * 1024  # unsynced bytes from which the fdatasync goes to a worker thread
 
 
@@ -124,8 +128,8 @@ class Gateway:
         """Upper bound of the log bytes one message can become (a 20-byte compact reading is < 500 B of frame)."""
         return 25 * len(msg.payload) + 2048
 
-    def _process(self, batch: list[Inbound]) -> tuple[list[tuple[dict[str, Any], str | None]], list[DeadLetter]]:
-        out: list[tuple[dict[str, Any], str | None]] = []
+    def _process(self, batch: list[Inbound]) -> tuple[list[LogEntry], list[DeadLetter]]:
+        out: list[LogEntry] = []
         dead: list[DeadLetter] = []
         now = int(time.time())
         received = self._batch_received = dict.fromkeys(self._received_by_kind, 0)
@@ -145,7 +149,7 @@ class Gateway:
         self.counts["received_msgs"] += len(batch)
         return out, dead
 
-    def _process_one(self, msg: Inbound, now: int, out: list[tuple[dict[str, Any], str | None]],
+    def _process_one(self, msg: Inbound, now: int, out: list[LogEntry],
                      dead: list[DeadLetter]) -> None:
         m = self.metrics
         topic = self._topics.get(msg.topic)
@@ -177,7 +181,7 @@ class Gateway:
             if not msg.payload:
                 return  # a cleared retained status: nothing to record
             try:
-                out.append((status_record(topic, msg.payload, site, msg.received_at), None))
+                out.append((status_record(topic, msg.payload, site, msg.received_at), None, None))
             except StatusError as e:
                 dead.append(DeadLetter("decode", "status_format", str(e), msg.topic, topic.node, msg.payload))
             return
@@ -211,10 +215,11 @@ class Gateway:
             prefix = self._line_prefixes.get(key)
             if prefix is None:
                 prefix = self._line_prefixes[key] = records.line_prefix(rec)
-            out.append((rec, records.reading_lines(rec, dec, fresh, prefix)))
+            whole = fresh is dec.readings and not dec.rejected and dec.fmt == "compact"
+            out.append((rec, records.reading_lines(rec, dec, fresh, prefix), msg.payload if whole else None))
             alarm = self.alarms.check(dec.schema.domain, dec.node, fresh, msg.received_at)
             if alarm is not None:
-                out.append((alarm, None))
+                out.append((alarm, None, None))
             self._batch_accepted[dec.schema.domain] += len(fresh)
             self.counts["accepted_readings"] += len(fresh)
 
@@ -257,10 +262,10 @@ class Gateway:
             # causes a redelivery, which de-duplication and InfluxDB's overwrite absorb.
             self.dead.add_many(dead)
             if recs:
-                frames = [records.encode(r, lines) for r, lines in recs]
+                frames = [records.encode(r, lines, payload) for r, lines, payload in recs]
                 end = self.log.write(frames)
                 if self.mirror_feed is not None:  # the mirror takes the decoded records and payloads (no re-parse)
-                    self.mirror_feed.put(end, frames, [r for r, _lines in recs], batch)
+                    self.mirror_feed.put(end, frames, [r for r, _lines, _payload in recs], batch)
                 self.metrics.log_appends.inc()
             self._unsynced.append(batch)
             self._written.set()
