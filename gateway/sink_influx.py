@@ -28,7 +28,9 @@ log = logging.getLogger("twinedge.gateway.influx")
 
 SINK = "influx"
 _IDLE_S = 0.005  # no append for this long: the burst is over, write what is pending
-_FULL_BATCH_BYTES = 4 * 1024 * 1024  # pending log bytes that surely hold a full batch
+# Pending log bytes per batch point from which the pending records surely hold a full batch (a line is
+# ~200 bytes, its frame adds the record: ~225 bytes for a compact reading, more for JSON rows).
+_FULL_BATCH_BYTES_PER_POINT = 256
 _CURSOR_SAVE_S = 1.0  # the cursor file is rewritten at most this often while points flow
 
 
@@ -242,7 +244,7 @@ class InfluxSink:
                 pass
             waited = True
             now_end = self.log.durable_end
-            if (now_end == seen and self.cfg.flush_when_idle) or now_end - self.cursor >= _FULL_BATCH_BYTES:
+            if (now_end == seen and self.cfg.flush_when_idle) or now_end - self.cursor >= self.cfg.batch_points * _FULL_BATCH_BYTES_PER_POINT:
                 break  # the flow paused, or there is plenty for a batch
             seen = now_end
         return waited
