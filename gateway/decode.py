@@ -59,6 +59,10 @@ class Decoded:
     fmt: str  # "compact" | "senml"
     readings: list[Reading] = field(default_factory=list)
     rejected: list[ReadingRejection] = field(default_factory=list)
+    # Compact payload whose readings were all complete, accepted and without flags: its rows as unpacked
+    # (dt, flags, mask, raw values...) and t0, so the line protocol is rendered from the raw integers.
+    complete_rows: list[tuple[int, ...]] | None = None
+    t0: int = 0
 
 
 class _Plan:
@@ -180,6 +184,8 @@ def _decode_compact(t: Topic, payload: bytes, now: int, limits: Limits) -> Decod
     future = now + limits.max_future_s
     oldest = now - limits.backfill_horizon_s
     full_mask, complete = plan.full_mask, plan.complete
+    raws: list[tuple[int, ...]] = []
+    all_plain = True  # every reading complete, accepted and without flags so far
     for i, row in enumerate(plan.struct.iter_unpack(memoryview(payload)[head:])):
         ts = t0 + row[0]
         mask = row[2]
@@ -187,7 +193,11 @@ def _decode_compact(t: Topic, payload: bytes, now: int, limits: Limits) -> Decod
             fast = complete(*row)
             if fast is not None:
                 readings.append(Reading(seq0 + i, ts, row[1] & FLAG_UNSYNCED, fast))
+                if row[1]:
+                    all_plain = False
+                raws.append(row)
                 continue
+        all_plain = False
         values: dict[str, float | int] = {}
         bad: tuple[str, str] | None = None
         for j, name, scale, integer, lo, hi in cols:
@@ -209,6 +219,9 @@ def _decode_compact(t: Topic, payload: bytes, now: int, limits: Limits) -> Decod
             out.rejected.append(ReadingRejection(i, bad[0], bad[1], raw_view))
             continue
         readings.append(Reading(seq0 + i, ts, row[1] & FLAG_UNSYNCED, values))
+    if all_plain:
+        out.complete_rows = raws
+        out.t0 = t0
     return out
 
 

@@ -24,11 +24,13 @@ def accepted_payloads(draw: st.DrawFn) -> tuple[Schema, str, bytes]:
     schema = draw(st.sampled_from([MARINE, MOBILITY]))
     node = draw(st.from_regex(r"[a-z][a-z0-9-]{0,15}", fullmatch=True))
     count = draw(st.integers(1, 20))
+    full = (1 << len(schema.fields)) - 1
+    plain = draw(st.booleans())  # every reading complete and without flags: the raw-integer renderer's case
     rows = []
     for _ in range(count):
-        mask = draw(st.integers(1, (1 << len(schema.fields)) - 1))
+        mask = full if plain else draw(st.sampled_from([full, draw(st.integers(1, full))]))
         vals = [draw(st.integers(math.ceil(f.lo * f.scale), math.floor(f.hi * f.scale))) for f in schema.fields]
-        rows.append((draw(st.integers(0, 600)), draw(st.sampled_from([0, 1])), mask, vals))
+        rows.append((draw(st.integers(0, 600)), 0 if plain else draw(st.sampled_from([0, 1])), mask, vals))
     payload = encode_compact(schema, node, draw(st.integers(1, 2**31)), NOW - 3600, rows)
     return schema, node, payload
 
@@ -50,6 +52,10 @@ def test_a_payload_frame_reads_back_as_the_json_frame(case: tuple[Schema, str, b
     # same types too (an int field must not come back as a float, nor the other way round)
     assert [[type(v) for v in r[1].values()] for r in back["rows"]] == [[type(v) for v in r[1].values()] for r in rec["rows"]]
     assert records.frame_lines(as_payload) == records.frame_lines(as_json) == lines.encode()
+    # whichever renderer ran (raw integers, one % over the floats, or field by field), the lines are the general ones
+    assert lines == "".join(line + "\n" for line in records.to_lines(rec))
+    plain = all(r.flags == 0 and len(r.values) == len(schema.fields) for r in dec.readings)
+    assert (dec.complete_rows is not None) == plain
     assert records.frame_received_at(as_payload) == 1234.5
 
 
