@@ -210,12 +210,13 @@ class Gateway:
                 m.duplicates.inc()
         self.node_domain[dec.node] = dec.schema.domain
         if fresh:
-            rec = records.reading_record(dec, site, msg.received_at, fresh)
+            whole = fresh is dec.readings and not dec.rejected and dec.fmt == "compact"
+            # Logged as its payload and not mirrored: nothing reads this record's rows, so none are built.
+            rec = records.reading_record(dec, site, msg.received_at, [] if whole and self.mirror_feed is None else fresh)
             key = (dec.schema.domain, topic.city, topic.domain, dec.node, site)
             prefix = self._line_prefixes.get(key)
             if prefix is None:
                 prefix = self._line_prefixes[key] = records.line_prefix(rec)
-            whole = fresh is dec.readings and not dec.rejected and dec.fmt == "compact"
             out.append((rec, records.reading_lines(rec, dec, fresh, prefix), msg.payload if whole else None))
             alarm = self.alarms.check(dec.schema.domain, dec.node, fresh, msg.received_at)
             if alarm is not None:
