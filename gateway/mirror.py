@@ -49,6 +49,7 @@ from gateway.mirror_policy import POINT_TAGS, Policy, PolicyError, ShareRule, fi
 from gateway.mirror_wire import (DIGEST_VERSION, Point, Segment, Spec, WireError, check_manifest, decode_body,
                                  digest_points, encode_segments, fast_columns, float_columns, make_segment, segment_head,
                                  segments_from_points, split_batch, strictly_increasing)
+from gateway.decode import accepted_compact_readings
 from gateway.schema import HEADER_TAIL
 from gateway.schema import MAGIC as MAGIC_COMPACT
 from gateway.schema import NAME_RE, SCHEMAS_BY_DOMAIN, Schema
@@ -393,22 +394,24 @@ class MirrorSink:
         return n
 
     def _raw_checked(self, route: "_Route", raw: tuple[bytes, int, int, int, int, int],
-                     rows: list[Any]) -> "tuple[RawReadings, ...] | None":
+                     rows: list[Any] | None) -> "tuple[RawReadings, ...] | None":
         """RecordFeed.put(): the record's place in its compact payload, one run per hour, if the sink can take
         it from there (every reading of the payload, every shared value present, times in order when they
-        span hours), else None."""
+        span hours), else None. `rows` None: ingest says the record is every reading of the payload."""
         layout = route.plan.raw
         if layout is None or route.rule.aggregate_minutes:
             return None
         payload, head, n, t0, seq0, schema_id = raw
         size = layout.size
         end = head + n * size
-        if schema_id != layout.schema_id or n != len(rows) or len(payload) < end:
+        if schema_id != layout.schema_id or (rows is not None and n != len(rows)) or len(payload) < end:
             return None
         dts = layout.dts(n).unpack_from(payload, head)
         first, last = t0 + dts[0], t0 + dts[-1]
-        if rows[0][0] != first or rows[-1][0] != last or payload[head + 3 : end : size].translate(None, layout.full_masks):
-            return None  # not the record's readings, or a shared value absent (mask bit clear)
+        if rows is not None and (rows[0][0] != first or rows[-1][0] != last):
+            return None  # not the record's readings
+        if payload[head + 3 : end : size].translate(None, layout.full_masks):
+            return None  # a shared value absent (mask bit clear)
         hour = first - first % 3600
         if t0 + max(dts) < hour + 3600 and t0 + min(dts) >= hour:
             return ((payload, head, n, t0, seq0, first, last),)
@@ -937,11 +940,13 @@ class RecordFeed:
         self._rows: dict[int, int] = {}  # offset -> weight in the bound
         self._nrows = 0
 
-    def put(self, end_offset: int, frames: list[bytes], recs: list[dict[str, Any]], msgs: Sequence[Any] = ()) -> None:
-        """`msgs`: the ingest batch's messages (anything with a `payload`), in any order."""
+    def put(self, end_offset: int, frames: list[bytes], recs: list[dict[str, Any]], msgs: Sequence[Any] = (),
+            wholes: Sequence[bytes | None] = ()) -> None:
+        """`msgs`: the ingest batch's messages (anything with a `payload`), in any order. `wholes`: per record,
+        the compact payload it holds every reading of (ingest built no rows for it), or None."""
         index: dict[tuple[bytes, int], tuple[bytes, int, int, int, int, int] | None] = {}
         sink = self.sink
-        if sink is not None:
+        if sink is not None and not wholes:
             unpack = HEADER_TAIL.unpack_from
             for msg in msgs:
                 payload = msg.payload
@@ -954,16 +959,30 @@ class RecordFeed:
                     # kept is not known here, so neither is used (the sink takes the record's values).
                     index[key] = None if key in index else (payload, 3 + nlen + HEADER_TAIL.size, n, t0, seq0, payload[1])
         off = end_offset - sum(len(f) + LOG_FRAME_OVERHEAD for f in frames)
-        for f, r in zip(frames, recs):
+        for i, (f, r) in enumerate(zip(frames, recs)):
             start, off = off, off + len(f) + LOG_FRAME_OVERHEAD
+            whole = wholes[i] if wholes else None
             rows = r.get("rows", ())
+            n_rows = len(rows)
             entry: _FeedEntry = (r.get("a", 0.0), r, None, None, off)
+            route: "str | _Route | None" = None
             if sink is not None:
+                route = sink.route_for(r.get("m", ""), r.get("tags", {}))
+            if whole is not None:
+                nlen = whole[2]
+                seq0, t0, n_rows = HEADER_TAIL.unpack_from(whole, 3 + nlen)
+                raw = None
+                if sink is not None and route is not None and not isinstance(route, str):
+                    raw = sink._raw_checked(route, (whole, 3 + nlen + HEADER_TAIL.size, n_rows, t0, seq0, whole[1]), None)
+                if raw is not None:
+                    entry = (entry[0], None, route, raw, off)
+                elif not isinstance(route, str):  # the rows' way after all: they come from the payload
+                    r["rows"] = records.rows_of(accepted_compact_readings(whole))
+            if isinstance(route, str):
+                entry = (entry[0], None, route, None, off)  # not mirrored: only counted
+            elif whole is None and sink is not None and route is not None:
                 tags = r.get("tags", {})
-                route = sink.route_for(r.get("m", ""), tags)
-                if isinstance(route, str):
-                    entry = (entry[0], None, route, None, off)  # not mirrored: only counted
-                elif index and rows:
+                if index and rows:
                     found = index.get((str(tags.get("node", "")).encode(), rows[0][2]))
                     # Every reading of the payload, none rejected nor de-duplicated: same count, same first
                     # number (the rows are a subset of the payload's readings, in order), same times.
@@ -971,7 +990,7 @@ class RecordFeed:
                     if raw is not None:
                         entry = (entry[0], None, route, raw, off)
             self._recs[start] = entry
-            weight = len(rows) if entry[1] is not None else 1 + int(len(rows) * self.RAW_WEIGHT)
+            weight = n_rows if entry[1] is not None else 1 + int(n_rows * self.RAW_WEIGHT)
             self._rows[start] = weight
             self._nrows += weight
         while self._nrows > self.max_rows and self._recs:

@@ -311,12 +311,15 @@ _reading = st.tuples(st.integers(0, 5000), st.sampled_from([0, 0, 1]),
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.lists(st.tuples(st.sampled_from(["buoy-1", "buoy-2"]), st.integers(1, 40), st.integers(0, 7200),
                                    st.booleans(), st.lists(_reading, min_size=1, max_size=6)),
-                         min_size=1, max_size=4), min_size=1, max_size=4), st.sampled_from(["regular", "spanning", "any"]))
-def test_compact_payload_way_equals_the_rows_way(batches: list[list[Any]], mode: str) -> None:
+                         min_size=1, max_size=4), min_size=1, max_size=4), st.sampled_from(["regular", "spanning", "any"]),
+       st.booleans())
+def test_compact_payload_way_equals_the_rows_way(batches: list[list[Any]], mode: str, as_ingest: bool) -> None:
     """The sink taking a record's values from its compact payload (RecordFeed with the ingest batch's messages)
     sends exactly what it sends from ingest's per-reading dicts: same wire points, digest bytes, order flags.
     Records that do not hold their whole payload (a rejected or de-duplicated reading), resends within one
-    batch, absent shared values, times spanning hours or out of order all fall back to the rows."""
+    batch, absent shared values, times spanning hours or out of order all fall back to the rows.
+    `as_ingest`: as the gateway does it, a record holding its whole payload comes without rows, with the payload
+    beside it (`wholes`), and is logged as it (frame layout 2)."""
     from gateway import records
     from gateway.decode import Rejected, decode_up, encode_compact
     from gateway.ingest_mqtt import Inbound
@@ -332,7 +335,7 @@ def test_compact_payload_way_equals_the_rows_way(batches: list[list[Any]], mode:
     end = 0
     used_raw = False
     for batch in batches:
-        msgs, recs = [], []
+        msgs, recs, full, wholes, frames = [], [], [], [], []
         for node, seq0, t0, drop_first, readings in batch:
             if mode != "any":  # the usual message: in order, every value present and plausible
                 # inside one hour, or (spanning) across one or two hour boundaries
@@ -348,18 +351,22 @@ def test_compact_payload_way_equals_the_rows_way(batches: list[list[Any]], mode:
                 continue
             fresh = dec.readings[1:] if drop_first and mode == "any" else dec.readings  # de-duplicated first reading
             if fresh:
-                recs.append(records.reading_record(dec, "harbour-north-1", 1.0, fresh))
-        frames = [records.encode(r) for r in recs]
+                whole = as_ingest and fresh is dec.readings and not dec.rejected
+                full.append(records.reading_record(dec, "harbour-north-1", 1.0, fresh))
+                recs.append(records.reading_record(dec, "harbour-north-1", 1.0, [] if whole else fresh))
+                wholes.append(payload if whole else None)
+                frames.append(records.encode(recs[-1], records.reading_lines(full[-1], dec, fresh), payload) if whole
+                              else records.encode(recs[-1]))
         end += sum(len(f) + 8 for f in frames)
-        feed.put(end, frames, recs, msgs)
+        feed.put(end, frames, recs, msgs, wholes if as_ingest else ())
         off = end - sum(len(f) + 8 for f in frames)
-        for f, r in zip(frames, recs):
+        for f, r, fr in zip(frames, recs, full):
             start, off = off, off + len(f) + 8
             got = feed._recs.get(start)
             assert got is not None and got[0] == r["a"] and got[4] == off
             used_raw |= got[3] is not None
             assert got[1] is (r if got[3] is None else None)  # a record taken from its payload: rows not kept
-            assert raw_sink.take(start, off, f if start % 2 else None, raw_buf) == row_sink.transform(r, row_buf)
+            assert raw_sink.take(start, off, f if start % 2 else None, raw_buf) == row_sink.transform(fr, row_buf)
     assert not feed._recs
     unique = any([(m[0], m[1]) for m in batch].count((node, seq0)) == 1 for batch in batches for node, seq0, *_ in batch)
     if mode != "any" and unique:  # (a resend within one ingest batch is not matched: either could be the one kept)
