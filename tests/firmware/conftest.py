@@ -19,12 +19,16 @@ from twinedge.services import Mosquitto
 
 
 class Collector:
-    """Subscribes to twin/# with QoS 1; reconnects by itself when the broker comes back."""
+    """Subscribes to twin/# with QoS 1; reconnects by itself when the broker comes back.
+
+    A persistent session, so a broker restart (persistence on) keeps its subscription: with a clean
+    session, a node that reconnected first could flush its backlog before the collector had
+    subscribed again, and the broker would drop those messages (seen once in CI)."""
 
     def __init__(self, broker: Mosquitto) -> None:
         self.msgs: list[tuple[str, bytes, bool]] = []
         self.lock = threading.Lock()
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="collector")
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="collector", clean_session=False)
         self.c.on_connect = lambda c, u, f, rc, p: c.subscribe("twin/#", qos=1)
         self.c.on_message = self._on_msg
         self.c.reconnect_delay_set(0.1, 0.5)
