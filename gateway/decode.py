@@ -195,7 +195,8 @@ def _decode_compact(t: Topic, payload: bytes, now: int, limits: Limits) -> Decod
                 readings.append(Reading(seq0 + i, ts, row[1] & FLAG_UNSYNCED, fast))
                 if row[1]:
                     all_plain = False
-                raws.append(row)
+                elif all_plain:
+                    raws.append(row)
                 continue
         all_plain = False
         values: dict[str, float | int] = {}

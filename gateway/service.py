@@ -267,8 +267,8 @@ class Gateway:
                 frames = [records.encode(r, lines, payload) for r, lines, payload in recs]
                 end = self.log.write(frames)
                 if self.mirror_feed is not None:  # the mirror takes the decoded records and payloads (no re-parse)
-                    self.mirror_feed.put(end, frames, [r for r, _lines, _payload in recs], batch,
-                                         [payload for _r, _lines, payload in recs])
+                    self.mirror_feed.put(end, frames, [r for r, _lines, _payload in recs],
+                                         wholes=[payload for _r, _lines, payload in recs])
                 self.metrics.log_appends.inc()
             self._unsynced.append(batch)
             self._written.set()
